@@ -556,3 +556,42 @@ def test_sbatch_requires_config_and_workdir(missing, tmp_path):
   assert result.returncode != 0
   assert missing in result.stderr
   assert not record.exists()
+
+
+# ------------------------------------------------------------ documentation
+
+
+def _documented_tpu_commands(path):
+  """`python launch/tpu.py ...` commands in a markdown file, $TPU expanded."""
+  text = path.read_text().replace('\\\n', ' ')
+  tpu_flags = re.search(r'^TPU="([^"]*)"$', text, re.M).group(1)
+  return [shlex.split(line.replace('$TPU', tpu_flags), comments=True)
+          for line in text.splitlines()
+          if line.startswith('python launch/tpu.py ')]
+
+
+@pytest.mark.parametrize('doc', ['launch/README.md', 'docs/scaling.md'])
+def test_documented_commands_dry_run(doc, tmp_path):
+  # The docs run from a checkout holding the config and a freshly built wheel.
+  (tmp_path / 'configs').mkdir()
+  (tmp_path / 'configs' / 'simclr_tpu.py').write_text('')
+  (tmp_path / 'dist').mkdir()
+  (tmp_path / 'dist' / 'jaxssl-0.1.0-py3-none-any.whl').write_bytes(b'')
+  commands = _documented_tpu_commands(REPO / doc)
+  assert {argv[2] for argv in commands} >= {'create', 'setup', 'run',
+                                            'delete'}
+  for argv in commands:
+    result = subprocess.run([sys.executable, str(TPU_PY), *argv[2:],
+                             '--dry-run'], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, (argv, result.stderr)
+
+
+def test_documented_create_output_is_current():
+  text = (REPO / 'docs' / 'scaling.md').read_text()
+  documented = re.search(r'^gcloud compute tpus tpu-vm create .*$', text,
+                         re.M).group(0)
+  (printed,) = dry('create', '--name=simclr-v4', '--zone=us-central2-b',
+                   '--project=my-ssl-project', '--accelerator-type=v4-32',
+                   '--spot')
+  assert shlex.split(documented) == printed
