@@ -1,0 +1,49 @@
+"""Command line of the benchmarks: `python -m jaxssl.bench <subcommand>`.
+
+  python -m jaxssl.bench losses --budget-gib 4
+  python -m jaxssl.bench losses --json --views 8192
+
+See `jaxssl/bench/__init__.py` for the subcommand contract.
+"""
+
+import argparse
+import json
+import sys
+
+from jaxssl.bench import losses
+
+SUBCOMMANDS = {
+    'losses': losses,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='python -m jaxssl.bench',
+      description='jaxssl benchmarks; known subcommands: '
+      + ', '.join(SUBCOMMANDS))
+  sub = parser.add_subparsers(dest='command', required=True,
+                              metavar='SUBCOMMAND')
+  for name, module in SUBCOMMANDS.items():
+    sub_parser = sub.add_parser(name, help=module.HELP,
+                                description=module.__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
+    sub_parser.add_argument('--json', action='store_true',
+                            help='print the report as JSON, not a table')
+    module.add_arguments(sub_parser)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  module = SUBCOMMANDS[args.command]
+  report = module.run(args)
+  if args.json:
+    print(json.dumps(report, indent=2))
+  else:
+    print(module.format_report(report))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
