@@ -83,7 +83,8 @@ def test_search_largest_with_fake_probe(limit, start, expected_fit,
 
 def test_run_case_kills_above_memory_limit():
   case = {'impl': 'idle', 'views': 0, 'dim': 8, 'block_size': 8,
-          'temperature': 0.1, 'repeats': 0, 'limit_bytes': 2**30}
+          'temperature': 0.1, 'repeats': 0, 'repeat_budget_s': 1.0,
+          'limit_bytes': 2**30}
   record = bench_losses.run_case(case, timeout_s=120, kill_bytes=20 * 2**20)
   assert record['status'] == 'killed'
   assert 'RSS above' in record['reason']
