@@ -1,0 +1,145 @@
+"""Encoders and heads, selected by name from `config.model`.
+
+`make_encoder(config.model, image_size=...)` returns a Linen module called as
+`encoder(x, train=bool)` on `[B, H, W, C]` images; it returns pooled float32
+features `[B, feature_dim(config.model)]`. Config keys read:
+
+  encoder            registry name, a key of `ENCODERS`
+  width_multiplier   positive int; scales every channel count
+  stem               'auto' (CIFAR stem iff image_size <= 32) | 'imagenet' |
+                     'cifar'; ResNets only
+  dtype              'float32' | 'bfloat16' compute dtype; params are float32
+  bn_momentum        BatchNorm running-average decay (0.9)
+  bn_epsilon         BatchNorm epsilon (1e-5)
+  zero_init_residual gamma = 0 in the last BN of each residual block; ResNets
+
+`validate_model_config` checks them all at startup; `compute_dtype` gives the
+dtype that heads should compute in; heads live in `jaxssl.models.heads`.
+"""
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import ml_collections
+
+from jaxssl.models import heads, layers, resnet, small
+from jaxssl.models.heads import (MLPHead, Prototypes, ProjectionHead,
+                                 normalize_prototypes)
+from jaxssl.models.layers import BatchNorm, Conv, conv, dtype_from_name
+
+# name -> builder(model_config, *, cifar_stem, bn_groups) -> nn.Module. Each
+# module exposes `feature_dim` and `min_image_size`.
+ENCODERS: dict[str, Callable[..., nn.Module]] = {
+    'resnet18': functools.partial(resnet.build_resnet, 18),
+    'resnet34': functools.partial(resnet.build_resnet, 34),
+    'resnet50': functools.partial(resnet.build_resnet, 50),
+    'resnet101': functools.partial(resnet.build_resnet, 101),
+    'resnet152': functools.partial(resnet.build_resnet, 152),
+    'small_cnn': small.build_small_cnn,
+    'tiny_cnn': small.build_tiny_cnn,
+}
+
+STEMS = ('auto', 'imagenet', 'cifar')
+# 'auto' picks SimCLR's CIFAR stem up to this image side (`image_size<=32`).
+CIFAR_STEM_MAX_IMAGE_SIZE = 32
+
+
+def validate_model_config(model_config: ml_collections.ConfigDict) -> None:
+  """Raises a one-line ValueError naming the first bad `config.model` value.
+
+  Args:
+    model_config: `config.model` (keys in the module docstring).
+  """
+  if model_config.encoder not in ENCODERS:
+    raise ValueError(f'unknown encoder {model_config.encoder!r}; known: '
+                     f"{', '.join(ENCODERS)}")
+  width = model_config.width_multiplier
+  if isinstance(width, bool) or not isinstance(width, int) or width <= 0:
+    raise ValueError(
+        f'model.width_multiplier={width!r} must be a positive integer')
+  if model_config.stem not in STEMS:
+    raise ValueError(f'unknown model.stem {model_config.stem!r}; known: '
+                     f"{', '.join(STEMS)}")
+  layers.dtype_from_name(model_config.dtype)
+  if not 0.0 <= model_config.bn_momentum < 1.0:
+    raise ValueError(f'model.bn_momentum={model_config.bn_momentum!r} must '
+                     'be in [0, 1)')
+  if not model_config.bn_epsilon > 0.0:
+    raise ValueError(
+        f'model.bn_epsilon={model_config.bn_epsilon!r} must be positive')
+
+
+def make_encoder(model_config: ml_collections.ConfigDict, *, image_size: int,
+                 bn_groups: int = 1) -> nn.Module:
+  """Builds the encoder named by `model_config.encoder`.
+
+  Args:
+    model_config: `config.model` (keys in the module docstring).
+    image_size: side of the square input images; picks the stem under
+      'auto' and must be at least the encoder's `min_image_size` (32 for a
+      ResNet with the ImageNet stem, 8 with the CIFAR stem).
+    bn_groups: BatchNorm statistics groups; 1 = global batch statistics,
+      G = separate statistics for G contiguous slices of the batch (MoCo v2
+      shuffle-BN with G = devices, SwAV per-node BN).
+
+  Returns:
+    An unbound Linen module; `encoder(x, train)` maps `[B, H, W, C]` float
+    images (the global batch) to `[B, feature_dim]` float32 features.
+  """
+  validate_model_config(model_config)
+  if isinstance(image_size, bool) or not isinstance(image_size, int) or (
+      image_size <= 0):
+    raise ValueError(f'image_size={image_size!r} must be a positive integer')
+  if isinstance(bn_groups, bool) or not isinstance(bn_groups, int) or (
+      bn_groups <= 0):
+    raise ValueError(f'bn_groups={bn_groups!r} must be a positive integer')
+  if model_config.stem == 'auto':
+    cifar_stem = image_size <= CIFAR_STEM_MAX_IMAGE_SIZE
+  else:
+    cifar_stem = model_config.stem == 'cifar'
+  encoder = ENCODERS[model_config.encoder](
+      model_config, cifar_stem=cifar_stem, bn_groups=bn_groups)
+  if image_size < encoder.min_image_size:
+    raise ValueError(
+        f'image_size={image_size} is too small for encoder '
+        f'{model_config.encoder!r} with stem {model_config.stem!r}; use at '
+        f'least {encoder.min_image_size}')
+  return encoder
+
+
+def feature_dim(model_config: ml_collections.ConfigDict) -> int:
+  """Width of the encoder's pooled features.
+
+  Args:
+    model_config: `config.model`.
+
+  Returns:
+    e.g. 2048 * width_multiplier for ResNet-50, 512 * width_multiplier for
+    ResNet-18, 128 * width_multiplier for 'small_cnn'.
+  """
+  validate_model_config(model_config)
+  # The feature width does not depend on the stem.
+  encoder = ENCODERS[model_config.encoder](
+      model_config, cifar_stem=False, bn_groups=1)
+  return encoder.feature_dim
+
+
+def compute_dtype(model_config: ml_collections.ConfigDict) -> Any:
+  """The compute dtype named by `model_config.dtype`, for heads and methods.
+
+  Args:
+    model_config: `config.model`.
+
+  Returns:
+    `jnp.float32` or `jnp.bfloat16`.
+  """
+  return layers.dtype_from_name(model_config.dtype)
+
+
+__all__ = [
+    'ENCODERS', 'STEMS', 'BatchNorm', 'Conv', 'MLPHead', 'ProjectionHead',
+    'Prototypes', 'compute_dtype', 'conv', 'dtype_from_name', 'feature_dim',
+    'heads', 'layers', 'make_encoder', 'normalize_prototypes', 'resnet',
+    'small', 'validate_model_config',
+]

@@ -1,0 +1,241 @@
+"""Building blocks shared by every encoder and head: conv, BatchNorm, inits.
+
+Every convolution of every encoder is built by `conv`, so a faster
+platform-specific convolution can be swapped in at one place. `BatchNorm`
+runs in the global view: under `jax.jit` on a batch sharded over the `'data'`
+mesh axis its statistics are those of the whole global batch (exact
+cross-replica BN, as SimCLR's `global_bn`, BYOL's `cross_replica_axis` and
+MoCo v3's SyncBN), and `num_groups` gives per-group statistics (MoCo v2
+shuffle-BN, SwAV's per-node SyncBN) without any collective.
+
+Parameters are always float32; `dtype` is the compute dtype. Naming rule
+relied on by `jaxssl.optim`: every BatchNorm submodule has 'bn' or 'norm' in
+its name, no other module does, and only BatchNorm and Dense layers have a
+`bias` leaf.
+"""
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Initializer = Callable[..., jax.Array]
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+# TF1 `tf.variance_scaling_initializer()`: scale 1, fan_in, truncated normal
+# (stddev corrected for the truncation), the init of SimCLR's convolutions.
+conv_kernel_init = nn.initializers.variance_scaling(
+    1.0, 'fan_in', 'truncated_normal')
+# SimCLR's projection and supervised heads: RandomNormal(stddev=0.01).
+simclr_dense_init = nn.initializers.normal(stddev=0.01)
+# PyTorch's nn.Linear default (kaiming_uniform with a=sqrt(5)), i.e.
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)): how the MoCo v2/v3 and SwAV heads and
+# prototypes were initialised.
+torch_linear_init = nn.initializers.variance_scaling(
+    1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def dtype_from_name(name: str) -> Any:
+  """Returns the jnp dtype for a `config.model.dtype` name.
+
+  Args:
+    name: 'float32' or 'bfloat16'.
+
+  Returns:
+    `jnp.float32` or `jnp.bfloat16`.
+  """
+  if name not in DTYPES:
+    raise ValueError(
+        f"unknown dtype {name!r}; known: {', '.join(sorted(DTYPES))}")
+  return DTYPES[name]
+
+
+def _fixed_padding(kernel_size: int) -> tuple[int, int]:
+  # SimCLR's `fixed_padding`: pad k-1 in total, the smaller half first, so a
+  # strided conv sees the same borders whatever the input size (TF's 'SAME'
+  # would pad asymmetrically depending on the size). For stride 1 this is
+  # exactly 'SAME'.
+  pad_total = kernel_size - 1
+  pad_beg = pad_total // 2
+  return pad_beg, pad_total - pad_beg
+
+
+class Conv(nn.Module):
+  """2-D convolution without bias, with SimCLR's padding rule.
+
+  Stride 1 pads 'SAME'; stride > 1 pads (k-1)//2 before and the rest after,
+  then convolves 'VALID' (SimCLR's `conv2d_fixed_padding`). The parameter
+  layout is `nn.Conv`'s: one `kernel` of shape `[k, k, in, out]`, float32.
+
+  Attributes:
+    features: output channels.
+    kernel_size: side of the square kernel.
+    strides: stride along height and width.
+    dtype: compute dtype; the input and the kernel are cast to it.
+    kernel_init: kernel initializer.
+
+  References:
+    google-research/simclr `resnet.py:conv2d_fixed_padding`.
+  """
+  features: int
+  kernel_size: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+  kernel_init: Initializer = conv_kernel_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies the convolution.
+
+    Args:
+      x: `[batch, height, width, in_channels]`, global or per-shard.
+
+    Returns:
+      `[batch, out_height, out_width, features]` in `dtype`.
+    """
+    for field in ('features', 'kernel_size', 'strides'):
+      value = getattr(self, field)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f'Conv {field}={value!r} must be a positive integer')
+    if x.ndim != 4:
+      raise ValueError(
+          f'Conv input has shape {x.shape}; expected [batch, H, W, C]')
+    k = self.kernel_size
+    kernel = self.param('kernel', self.kernel_init,
+                        (k, k, x.shape[-1], self.features), jnp.float32)
+    padding = _fixed_padding(k)
+    return lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype),
+        window_strides=(self.strides, self.strides),
+        padding=(padding, padding),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def conv(features: int, kernel_size: int, strides: int = 1, *, name: str,
+         dtype: Any, kernel_init: Initializer = conv_kernel_init) -> nn.Module:
+  """Builds the convolution every encoder uses (the one plug-in point).
+
+  Args:
+    features: output channels.
+    kernel_size: side of the square kernel.
+    strides: stride along height and width.
+    name: submodule name; must not contain 'bn' or 'norm'.
+    dtype: compute dtype.
+    kernel_init: kernel initializer (TF1 variance scaling by default).
+
+  Returns:
+    A Linen module mapping `[B, H, W, C]` to `[B, H', W', features]`, with a
+    single float32 `kernel` param of shape `[k, k, C, features]`.
+  """
+  return Conv(features=features, kernel_size=kernel_size, strides=strides,
+              dtype=dtype, kernel_init=kernel_init, name=name)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over the global batch, optionally in equal contiguous groups.
+
+  In training the batch statistics are taken over every axis but the last;
+  the variance is the biased one, computed in float32 as E[x^2] - E[x]^2
+  like `nn.BatchNorm` (one fused reduction, one all-reduce when sharded; it
+  loses digits only for a channel whose |mean| is far above its std).
+  Called under `jax.jit` on a batch sharded over devices they are the
+  statistics of the global batch, so no `axis_name` is needed. With
+  `num_groups = G` the batch `[B, ...]` is split into G contiguous slices of
+  B/G examples and each slice is normalised with its own statistics; when
+  the slices coincide with device shards this is per-device BN (MoCo v2
+  shuffle-BN) or per-node BN (SwAV), computed without communication.
+
+  Running averages: `mean <- momentum * mean + (1 - momentum) * m` and the
+  same for `var`, where m (and the variance) is the average over the G groups
+  of the group statistics (for G = 1, the batch statistics). PyTorch DDP
+  would instead keep rank 0's group statistics; the average over groups is
+  the less noisy estimate of the same quantity. Nothing is updated while the
+  module is being initialised (as `nn.BatchNorm`).
+
+  Statistics and normalisation run in float32; the output is cast to
+  `dtype`. Params (float32): `scale` (if `use_scale`) and `bias` (if
+  `use_bias`); collection 'batch_stats': `mean`, `var`.
+
+  Attributes:
+    momentum: decay of the running averages (0.9 in every official recipe).
+    epsilon: added to the variance (1e-5 in every official recipe).
+    num_groups: number of equal contiguous batch slices with separate
+      statistics; must divide the batch.
+    use_scale: learn a scale gamma (False: PyTorch `affine=False`).
+    use_bias: learn an offset beta (False: TF `center=False`).
+    scale_init: initializer of gamma (zeros for zero-init residual blocks).
+    bias_init: initializer of beta.
+    dtype: output dtype.
+
+  References:
+    Ioffe & Szegedy, 2015; google-research/simclr `resnet.py` (global_bn);
+    facebookresearch/moco `builder.py:_batch_shuffle_ddp`;
+    facebookresearch/swav `main_swav.py` (syncbn_process_group_size).
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  num_groups: int = 1
+  use_scale: bool = True
+  use_bias: bool = True
+  scale_init: Initializer = nn.initializers.ones
+  bias_init: Initializer = nn.initializers.zeros
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Normalises `x` with batch statistics (train) or running averages.
+
+    Args:
+      x: `[batch, ..., features]`, the global batch (sharded or not).
+      train: use and update batch statistics; else use running averages.
+
+    Returns:
+      An array shaped like `x`, in `dtype`.
+    """
+    if not isinstance(self.num_groups, int) or self.num_groups <= 0:
+      raise ValueError(
+          f'BatchNorm num_groups={self.num_groups!r} must be a positive '
+          'integer')
+    features = x.shape[-1]
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,),
+                            jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,),
+                           jnp.float32)
+    x32 = x.astype(jnp.float32)
+    if train:
+      mean, var = self._group_stats(x32)
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(0)
+        ra_var.value = m * ra_var.value + (1 - m) * var.mean(0)
+    else:
+      mean, var = ra_mean.value[None], ra_var.value[None]
+    mul = lax.rsqrt(var + self.epsilon)
+    if self.use_scale:
+      mul = mul * self.param('scale', self.scale_init, (features,),
+                             jnp.float32)
+    groups = mean.shape[0]
+    xg = x32.reshape((groups, -1) + x.shape[1:])
+    shape = (groups,) + (1,) * (x.ndim - 1) + (features,)
+    y = (xg - mean.reshape(shape)) * mul.reshape(shape)
+    if self.use_bias:
+      y = y + self.param('bias', self.bias_init, (features,), jnp.float32)
+    return y.reshape(x.shape).astype(self.dtype)
+
+  def _group_stats(self, x32: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Returns per-group `(mean, var)`, each `[num_groups, features]`."""
+    batch = x32.shape[0]
+    if batch % self.num_groups:
+      raise ValueError(
+          f'BatchNorm batch size {batch} is not divisible by num_groups='
+          f'{self.num_groups}; use a batch that is a multiple of it')
+    xg = x32.reshape((self.num_groups, batch // self.num_groups)
+                     + x32.shape[1:])
+    axes = tuple(range(1, xg.ndim - 1))
+    mean = xg.mean(axes)
+    # Clip: E[x^2] - E[x]^2 can round below zero.
+    var = jnp.maximum(0.0, jnp.square(xg).mean(axes) - jnp.square(mean))
+    return mean, var

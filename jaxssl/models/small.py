@@ -1,0 +1,175 @@
+"""Small convolutional encoders for CPU work: the quickstart and the tests.
+
+`SmallCNN` is a VGG-style net for 28-32 px images (Fashion-MNIST, CIFAR) that
+trains at useful speed on a laptop CPU; `TinyCNN` is the smallest encoder
+that still has convs and BatchNorm, so unit and end-to-end tests compile in
+seconds. Both use `layers.conv` and `layers.BatchNorm` like the ResNets, so
+every code path (bf16, grouped BN, weight-decay masks) is exercised on CPU.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxssl.models import layers
+
+
+class SmallCNN(nn.Module):
+  """Stem conv, then stages of (3x3 conv-BN-ReLU) x n, 2x2 max-pool between.
+
+  Layout for `widths=(32, 64, 128)`, `convs_per_stage=2`: conv32 ->
+  [conv32, conv32] -> pool -> [conv64, conv64] -> pool -> [conv128, conv128]
+  -> global average pool. Submodules: `stem_conv`, `stem_bn`,
+  `stage{s}_conv{c}`, `stage{s}_bn{c}`.
+
+  Attributes:
+    widths: channels of each stage before the width multiplier.
+    convs_per_stage: 3x3 conv-BN-ReLU layers in each stage.
+    width_multiplier: scales every channel count.
+    dtype: compute dtype (params stay float32; output is float32).
+    bn_momentum: BatchNorm running-average decay.
+    bn_epsilon: BatchNorm epsilon.
+    bn_groups: BatchNorm statistics groups (see `layers.BatchNorm`).
+  """
+  widths: tuple[int, ...] = (32, 64, 128)
+  convs_per_stage: int = 2
+  width_multiplier: int = 1
+  dtype: Any = jnp.float32
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  bn_groups: int = 1
+
+  @property
+  def feature_dim(self) -> int:
+    """Channels of the pooled output: the last stage's width."""
+    return self.widths[-1] * self.width_multiplier
+
+  @property
+  def min_image_size(self) -> int:
+    """Smallest input side: one 2x2 pool between consecutive stages."""
+    return 2**(len(self.widths) - 1)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Encodes images into pooled features.
+
+    Args:
+      x: `[batch, height, width, channels]` float images, the global batch.
+      train: BatchNorm uses (and updates) batch statistics.
+
+    Returns:
+      `[batch, feature_dim]` float32 features.
+    """
+    norm = functools.partial(
+        layers.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+        num_groups=self.bn_groups, dtype=self.dtype)
+    widths = [w * self.width_multiplier for w in self.widths]
+    x = layers.conv(widths[0], 3, 1, name='stem_conv', dtype=self.dtype)(x)
+    x = nn.relu(norm(name='stem_bn')(x, train))
+    for stage, width in enumerate(widths):
+      if stage > 0:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      for index in range(self.convs_per_stage):
+        x = layers.conv(width, 3, 1, name=f'stage{stage + 1}_conv{index}',
+                        dtype=self.dtype)(x)
+        x = nn.relu(norm(name=f'stage{stage + 1}_bn{index}')(x, train))
+    return x.astype(jnp.float32).mean(axis=(1, 2))
+
+
+class TinyCNN(nn.Module):
+  """Two convs (8 and 16 channels, the second with stride 2) and a pool.
+
+  Submodules: `conv1`, `bn1`, `conv2`, `bn2`. For tests only.
+
+  Attributes:
+    width_multiplier: scales both channel counts.
+    dtype: compute dtype (params stay float32; output is float32).
+    bn_momentum: BatchNorm running-average decay.
+    bn_epsilon: BatchNorm epsilon.
+    bn_groups: BatchNorm statistics groups (see `layers.BatchNorm`).
+  """
+  width_multiplier: int = 1
+  dtype: Any = jnp.float32
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  bn_groups: int = 1
+
+  @property
+  def feature_dim(self) -> int:
+    """Channels of the pooled output: 16 * width_multiplier."""
+    return 16 * self.width_multiplier
+
+  @property
+  def min_image_size(self) -> int:
+    """Smallest input side: the stride of the second conv."""
+    return 2
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Encodes images into pooled features.
+
+    Args:
+      x: `[batch, height, width, channels]` float images, the global batch.
+      train: BatchNorm uses (and updates) batch statistics.
+
+    Returns:
+      `[batch, feature_dim]` float32 features.
+    """
+    norm = functools.partial(
+        layers.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+        num_groups=self.bn_groups, dtype=self.dtype)
+    w = self.width_multiplier
+    x = layers.conv(8 * w, 3, 1, name='conv1', dtype=self.dtype)(x)
+    x = nn.relu(norm(name='bn1')(x, train))
+    x = layers.conv(16 * w, 3, 2, name='conv2', dtype=self.dtype)(x)
+    x = nn.relu(norm(name='bn2')(x, train))
+    return x.astype(jnp.float32).mean(axis=(1, 2))
+
+
+def _common_kwargs(model_config: ml_collections.ConfigDict,
+                   bn_groups: int) -> dict[str, Any]:
+  return dict(
+      width_multiplier=model_config.width_multiplier,
+      dtype=layers.dtype_from_name(model_config.dtype),
+      bn_momentum=model_config.bn_momentum,
+      bn_epsilon=model_config.bn_epsilon, bn_groups=bn_groups)
+
+
+def build_small_cnn(model_config: ml_collections.ConfigDict, *,
+                    cifar_stem: bool, bn_groups: int) -> SmallCNN:
+  """Builds `SmallCNN` from `config.model`.
+
+  `model.stem` and `model.zero_init_residual` do not apply and are ignored.
+
+  Args:
+    model_config: `config.model`; reads `width_multiplier`, `dtype`,
+      `bn_momentum`, `bn_epsilon`.
+    cifar_stem: unused; the stem is always a 3x3 stride-1 conv.
+    bn_groups: BatchNorm statistics groups.
+
+  Returns:
+    The (unbound) `SmallCNN` module.
+  """
+  del cifar_stem  # One stem fits the small images this encoder is for.
+  return SmallCNN(**_common_kwargs(model_config, bn_groups))
+
+
+def build_tiny_cnn(model_config: ml_collections.ConfigDict, *,
+                   cifar_stem: bool, bn_groups: int) -> TinyCNN:
+  """Builds `TinyCNN` from `config.model` (see `build_small_cnn`).
+
+  Args:
+    model_config: `config.model`; reads `width_multiplier`, `dtype`,
+      `bn_momentum`, `bn_epsilon`.
+    cifar_stem: unused.
+    bn_groups: BatchNorm statistics groups.
+
+  Returns:
+    The (unbound) `TinyCNN` module.
+  """
+  del cifar_stem  # No stem to choose.
+  return TinyCNN(**_common_kwargs(model_config, bn_groups))
