@@ -186,10 +186,15 @@ def color_jitter(image: tf.Tensor, seed: tf.Tensor, *, strength: float,
   ops = [op if on else (lambda x: x) for op, on in zip(ops, active)]
   order = tf.random.experimental.stateless_shuffle(tf.range(4), order_seed)
   shape = image.shape
-  for i in range(4):
-    branches = [lambda op=op: op(image) for op in ops]
-    image = tf.clip_by_value(tf.switch_case(order[i], branches), 0.0, 1.0)
-    image = tf.ensure_shape(image, shape)
+
+  def apply_next(i, x):
+    # One switch in a loop rather than four unrolled ones: a quarter of the
+    # graph, which makes tracing the input pipeline noticeably faster.
+    x = tf.switch_case(order[i], [lambda op=op: op(x) for op in ops])
+    return i + 1, tf.ensure_shape(tf.clip_by_value(x, 0.0, 1.0), shape)
+
+  _, image = tf.while_loop(lambda i, _: i < 4, apply_next,
+                           (tf.constant(0), image))
   return image
 
 

@@ -1,0 +1,357 @@
+"""Host input pipeline: tfds examples to deterministic, resumable view batches.
+
+The data order is a function of the config and the step only; it does not
+depend on the number of processes reading it, and a run resumed at step k
+sees exactly what an uninterrupted run sees from step k on.
+
+Order of the pretraining data (B = global_batch_size, S = dataset.num_shards,
+0 meaning the process count P; b = B // S):
+- the train split is cut into S contiguous near-equal shards
+  (`tfds.even_splits`); every epoch has K = min shard size // b steps;
+- in epoch e, shard i drops (size_i - K * b) examples chosen uniformly at
+  random, then shuffles each block of `dataset.shuffle_buffer` consecutive
+  examples, giving positions 0 .. K * b - 1 (stateless, seeded by
+  (seed, i, e); tfds reads with shuffle_files=False);
+- at step s (epoch s // K, t = s % K) shard i contributes positions
+  [t * b, (t + 1) * b); process p reads shards [p S / P, (p + 1) S / P) and
+  concatenates them in shard order, so the global batch is the same for
+  every P that divides S;
+- view v of the example at (shard i, epoch e, position j) is augmented with
+  the stateless seed fold_in(seed, i, e, j, v).
+Images are decoded after the skip to the resume point, so resuming costs
+reading, not decoding, the skipped records.
+"""
+
+import dataclasses
+import math
+from typing import Callable, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from jaxssl import augment
+from jaxssl import datasets
+
+try:
+  # The host pipeline runs on CPU; TF must not reserve accelerator memory
+  # that JAX needs.
+  tf.config.set_visible_devices([], 'GPU')
+except RuntimeError:  # TF's devices were already initialised; too late.
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Everything the per-epoch datasets need, checked once up front."""
+  builder: tfds.core.DatasetBuilder
+  image_key: str
+  label_key: str
+  shard_indices: tuple[int, ...]  # the global shard numbers this process reads
+  shard_splits: tuple  # their tfds split specs
+  shard_sizes: tuple[int, ...]
+  cached: tuple | None  # decoded (images, labels) per shard, or None
+  per_shard_batch_size: int
+  steps_per_epoch: int
+  config: ml_collections.ConfigDict
+  view_fn: Callable[..., tf.Tensor]
+
+
+def num_shards(config: ml_collections.ConfigDict, process_count: int) -> int:
+  """S: `dataset.num_shards`, or the process count when it is 0, checked."""
+  shards = config.dataset.num_shards or process_count
+  batch = config.global_batch_size
+  if process_count < 1:
+    raise ValueError(f'process_count={process_count} must be >= 1')
+  if shards < 0 or shards % process_count:
+    raise ValueError(f'dataset.num_shards={shards} must be a positive '
+                     f'multiple of the process count {process_count}')
+  if batch <= 0 or batch % shards:
+    raise ValueError(f'global_batch_size={batch} is not divisible by '
+                     f'dataset.num_shards={shards}; use a multiple of {shards}')
+  return shards
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int,
+                    *, process_count: int | None = None) -> int:
+  """Steps per epoch of `pretrain_batches`: (n // S) // (B // S).
+
+  Args:
+    config: the run config (global_batch_size, dataset.num_shards).
+    num_train_examples: examples in `dataset.train_split`.
+    process_count: P, used when dataset.num_shards is 0; defaults to
+      `jax.process_count()`.
+
+  Returns:
+    The number of steps in which every shard's kept examples are seen once.
+  """
+  if process_count is None:
+    process_count = jax.process_count()
+  shards = num_shards(config, process_count)
+  return (num_train_examples // shards) // (config.global_batch_size // shards)
+
+
+def _fold(seed: tf.Tensor, *data) -> tf.Tensor:
+  for d in data:
+    seed = tf.random.experimental.stateless_fold_in(seed, d)
+  return seed
+
+
+def _make_plan(config, process_index: int, process_count: int) -> _Plan:
+  shards = num_shards(config, process_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} must be in '
+                     f'[0, {process_count})')
+  augment.check_config(config.augment)
+  builder = datasets.get_builder(config.dataset)
+  image_key, label_key = datasets.feature_keys(builder)
+  per_process = shards // process_count
+  indices = tuple(range(process_index * per_process,
+                        (process_index + 1) * per_process))
+  datasets.split_num_examples(builder, config.dataset.train_split)  # checks it
+  all_splits = tfds.even_splits(config.dataset.train_split, n=shards)
+  sizes = [datasets.split_num_examples(builder, s) for s in all_splits]
+  per_shard_batch_size = config.global_batch_size // shards
+  steps = min(sizes) // per_shard_batch_size
+  if steps == 0:
+    raise ValueError(
+        f"train split '{config.dataset.train_split}' has {sum(sizes)} "
+        f'examples, too few for global_batch_size={config.global_batch_size} '
+        f'over {shards} shards (each needs >= {per_shard_batch_size})')
+  if config.dataset.shuffle_buffer < 1:
+    raise ValueError(f'dataset.shuffle_buffer={config.dataset.shuffle_buffer}'
+                     ' must be >= 1')
+  splits = tuple(all_splits[i] for i in indices)
+  cached = None
+  if config.dataset.cache:
+    cached = tuple(_load_decoded(builder, s, image_key, label_key)
+                   for s in splits)
+  return _Plan(builder=builder, image_key=image_key, label_key=label_key,
+               shard_indices=indices, shard_splits=splits,
+               shard_sizes=tuple(sizes[i] for i in indices), cached=cached,
+               per_shard_batch_size=per_shard_batch_size,
+               steps_per_epoch=steps, config=config,
+               view_fn=augment.get_recipe(config.augment.recipe))
+
+
+def _read(builder, split, image_key, label_key, *, decode: bool):
+  """`(image, label)` pairs of `split` in tfds's fixed (unshuffled) order."""
+  decoders = None if decode else {image_key: tfds.decode.SkipDecoding()}
+  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
+                          read_config=tfds.ReadConfig(try_autocache=False))
+  return ds.map(lambda ex: (ex[image_key], ex[label_key]))
+
+
+def _load_decoded(builder, split, image_key, label_key):
+  """Decodes a shard into host memory (`dataset.cache`)."""
+  shape = builder.info.features[image_key].shape
+  if None in shape:
+    raise ValueError(
+        f"dataset.cache=True needs images of one size; '{builder.name}' has "
+        f'image shape {shape}; set dataset.cache=False')
+  ds = _read(builder, split, image_key, label_key, decode=True)
+  images, labels = [], []
+  for image, label in _iterate(ds.batch(4096), builder, split):
+    images.append(image)
+    labels.append(label)
+  return np.concatenate(images), np.concatenate(labels)
+
+
+def _shard_stream(plan: _Plan, slot: int, start_step: int) -> tf.data.Dataset:
+  """Endless `(shard, epoch, position, image, label)` batches of b examples.
+
+  Images are still encoded (or decoded, from the cache); views are made
+  after the shards are merged, so the augmentation is traced once.
+  """
+  cfg = plan.config
+  shard, size = plan.shard_indices[slot], plan.shard_sizes[slot]
+  b, steps = plan.per_shard_batch_size, plan.steps_per_epoch
+  if plan.cached is None:
+    source = _read(plan.builder, plan.shard_splits[slot], plan.image_key,
+                   plan.label_key, decode=False)
+  else:
+    source = tf.data.Dataset.from_tensor_slices(plan.cached[slot])
+  num_drop = size - steps * b
+  first_epoch, skip_steps = divmod(start_step, steps)
+
+  def epoch_examples(epoch):
+    epoch_seed = _fold(_shard_seed(cfg.seed, shard), epoch)
+    ds = source
+    if num_drop:
+      drop = tf.random.experimental.stateless_shuffle(
+          tf.range(size), _fold(epoch_seed, 0))[:num_drop]
+      keep = tf.tensor_scatter_nd_update(
+          tf.ones([size], tf.bool), drop[:, None], tf.zeros([num_drop], tf.bool))
+      ds = ds.enumerate().filter(lambda i, ex: keep[i]).map(lambda i, ex: ex)
+
+    def shuffle_block(block_index, block):
+      order = tf.random.experimental.stateless_shuffle(
+          tf.range(tf.shape(block[1])[0]), _fold(epoch_seed, 1, block_index))
+      return tf.nest.map_structure(lambda x: tf.gather(x, order), block)
+
+    ds = ds.batch(cfg.dataset.shuffle_buffer).enumerate().map(shuffle_block)
+    ds = ds.unbatch().enumerate()
+    skip = tf.where(epoch == first_epoch, tf.constant(skip_steps * b, tf.int64),
+                    tf.constant(0, tf.int64))
+    return ds.skip(skip).map(
+        lambda position, ex: (tf.constant(shard, tf.int64), epoch, position,
+                              ex[0], ex[1]))
+
+  # Every epoch holds steps * b examples (minus the skip), so batches never
+  # straddle two epochs.
+  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_examples)
+  return ds.batch(b, drop_remainder=True)
+
+
+def _shard_seed(seed: int, shard) -> tf.Tensor:
+  return tf.stack([tf.constant(seed, tf.int64), tf.cast(shard, tf.int64)])
+
+
+def _train_dataset(plan: _Plan, start_step: int) -> tf.data.Dataset:
+  """The process's batches: its shards side by side, then the views."""
+  cfg = plan.config
+  streams = [_shard_stream(plan, slot, start_step)
+             for slot in range(len(plan.shard_indices))]
+  ds = tf.data.Dataset.zip(tuple(streams)).map(
+      lambda *parts: tuple(tf.concat(column, 0) for column in zip(*parts)))
+  image_feature = plan.builder.info.features[plan.image_key]
+  # Traced once and called per view. The augmentations use tf.cond and
+  # tf.switch_case themselves; autograph's conversion would only slow the
+  # trace down.
+  view = tf.function(
+      lambda image, seed: plan.view_fn(image, seed,
+                                       out_size=cfg.dataset.image_size,
+                                       config_augment=cfg.augment),
+      autograph=False)
+
+  @tf.autograph.experimental.do_not_convert
+  def make_views(shard, epoch, position, image, label):
+    if plan.cached is None:
+      image = image_feature.decode_example(image)
+    example_seed = _fold(_shard_seed(cfg.seed, shard), epoch, 2, position)
+    views = [view(image, _fold(example_seed, v))
+             for v in range(cfg.augment.num_views)]
+    return {'views': tf.stack(views), 'label': tf.cast(label, tf.int32)}
+
+  ds = ds.unbatch().map(make_views, num_parallel_calls=tf.data.AUTOTUNE,
+                        deterministic=True)
+  ds = ds.batch(plan.per_shard_batch_size * len(plan.shard_indices))
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def _iterate(ds: tf.data.Dataset, builder, split) -> Iterator:
+  """Iterates `ds` as numpy; a decode failure names the corrupt files."""
+  iterator = ds.as_numpy_iterator()
+  while True:
+    try:
+      item = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.InvalidArgumentError as e:
+      bad = datasets.corrupt_images(builder, split)
+      if not bad:
+        raise
+      raise ValueError(f'{len(bad)} image file(s) cannot be decoded: '
+                       f'{", ".join(bad[:10])}; fix or remove them') from e
+    yield item
+
+
+def pretrain_batches(config: ml_collections.ConfigDict, *, start_step: int = 0,
+                     process_index: int = 0,
+                     process_count: int = 1) -> Iterator[dict]:
+  """Endless local batches of augmented views, from `start_step` on.
+
+  Everything is checked and the dataset prepared before this returns; the
+  order is described in the module docstring.
+
+  Args:
+    config: the run config (seed, global_batch_size, dataset.*, augment.*).
+    start_step: the first step to yield (a resumed run passes its step).
+    process_index: this process, in [0, process_count).
+    process_count: number of processes reading the data.
+
+  Returns:
+    An iterator of `{'views': (float32 [n_local, V, H, W, C],), 'label':
+    int32 [n_local]}` with n_local = global_batch_size // process_count,
+    H = W = dataset.image_size and pixels in [0, 1]; per-process (local).
+
+  References:
+    google-research/simclr `data.build_input_fn` (two views per image);
+    deepmind-research byol `utils/dataset.py` (contiguous per-host shards).
+  """
+  if start_step < 0:
+    raise ValueError(f'start_step={start_step} must be >= 0')
+  plan = _make_plan(config, process_index, process_count)
+
+  ds = _train_dataset(plan, start_step)
+
+  def generate():
+    for batch in _iterate(ds, plan.builder, config.dataset.train_split):
+      yield {'views': (batch['views'],), 'label': batch['label']}
+
+  return generate()
+
+
+def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
+  """Number of examples in `split` of `config.dataset`."""
+  return datasets.split_num_examples(datasets.get_builder(config.dataset),
+                                     split)
+
+
+def eval_batches(config: ml_collections.ConfigDict, split: str, *,
+                 batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict]:
+  """Centre-cropped batches covering this process's part of `split` once.
+
+  The split is read in tfds's fixed order; process p reads part p of
+  `tfds.split_for_jax_process` (near-equal contiguous parts). The last batch
+  is padded with zero images, label 0 and mask False, and every process
+  yields the same number of batches, ceil(ceil(n / P) / batch_size), so
+  multi-host evaluation steps stay in lockstep.
+
+  Args:
+    config: the run config (dataset.*).
+    split: a tfds split spec, e.g. `config.dataset.eval_test_split`.
+    batch_size: examples per batch of this process (local).
+    process_index: this process, in [0, process_count).
+    process_count: number of processes.
+
+  Returns:
+    An iterator of `{'image': float32 [batch_size, H, W, C] in [0, 1],
+    'label': int32 [batch_size], 'mask': bool [batch_size]}`.
+
+  References:
+    google-research/simclr `data_util.preprocess_for_eval` (crop 0.875).
+  """
+  if batch_size < 1:
+    raise ValueError(f'batch_size={batch_size} must be >= 1')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} must be in '
+                     f'[0, {process_count})')
+  builder = datasets.get_builder(config.dataset)
+  image_key, label_key = datasets.feature_keys(builder)
+  total = datasets.split_num_examples(builder, split)
+  part = tfds.split_for_jax_process(split, process_index=process_index,
+                                    process_count=process_count)
+  local = datasets.split_num_examples(builder, part)
+  num_batches = math.ceil(max(local, math.ceil(total / process_count))
+                          / batch_size)
+  size, channels = config.dataset.image_size, builder.info.features[
+      image_key].shape[-1]
+
+  def prepare(image, label):
+    return {'image': augment.center_crop(image, out_size=size),
+            'label': tf.cast(label, tf.int32), 'mask': True}
+
+  ds = _read(builder, part, image_key, label_key, decode=True).map(
+      prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  padding = {'image': tf.zeros([size, size, channels]),
+             'label': tf.constant(0, tf.int32), 'mask': False}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(
+      num_batches * batch_size - local))
+  ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+  return _iterate(ds, builder, part)
