@@ -17,6 +17,9 @@ Differences from google-research/simclr, on purpose:
   Here each image gets its own Bernoulli(blur_prob) draw and its own sigma
   from the same U[blur_sigma] law, with the same kernel (H // 10 wide,
   radius int(size / 2), zero padding).
+- The eval centre crop is skipped when the output is <= 32 px (as SimCLR
+  does for CIFAR) and also when the source's shorter side is <= 32 px
+  (MNIST-like images), which have no border to spare.
 - Only the random draws differ from TF's stateful ops; the laws are the same.
 
 References:
@@ -45,8 +48,8 @@ def check_config(config_augment: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad `config.augment` value.
 
   Args:
-    config_augment: the `config.augment` block (see module docstring of
-      `jaxssl.input_pipeline` for the keys).
+    config_augment: the `config.augment` block (keys listed in
+      `simclr_view`, plus recipe and num_views).
   """
   c = config_augment
   get_recipe(c.recipe)

@@ -28,6 +28,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import download_manager
 
+try:
+  # TF only feeds the host pipeline (on CPU); it must not reserve accelerator
+  # memory that JAX needs. Every jaxssl module that runs TF imports this one.
+  tf.config.set_visible_devices([], 'GPU')
+except RuntimeError:  # TF's devices were initialised before this import.
+  pass
+
 FASHION_MNIST_DIR_ENV = 'JAXSSL_FASHION_MNIST_DIR'
 DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_APT = 'sudo apt-get install -y dataset-fashion-mnist'

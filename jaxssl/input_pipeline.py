@@ -33,14 +33,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from jaxssl import augment
-from jaxssl import datasets
-
-try:
-  # The host pipeline runs on CPU; TF must not reserve accelerator memory
-  # that JAX needs.
-  tf.config.set_visible_devices([], 'GPU')
-except RuntimeError:  # TF's devices were already initialised; too late.
-  pass
+from jaxssl import datasets  # importing it hides the GPUs from TensorFlow
 
 
 @dataclasses.dataclass(frozen=True)
