@@ -93,6 +93,7 @@ def _fold(seed: tf.Tensor, *data) -> tf.Tensor:
 
 
 def _make_plan(config, process_index: int, process_count: int) -> _Plan:
+  """Checks the config and prepares the dataset; raises ValueError early."""
   shards = num_shards(config, process_count)
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} must be in '
