@@ -293,6 +293,7 @@ class SubsplitImageFolder(tfds.folder_dataset.ImageFolder,
     if shuffle_files:
       ds = ds.shuffle(len(examples))
 
+    @tf.autograph.experimental.do_not_convert
     def load(path, label):
       example = {'image': tf.io.read_file(path), 'label': label,
                  'image/filename': path}

@@ -35,6 +35,10 @@ import tensorflow_datasets as tfds
 from jaxssl import augment
 from jaxssl import datasets  # importing it hides the GPUs from TensorFlow
 
+# tf.data functions here are plain graph code; autograph's conversion would
+# only slow tracing and log warnings about lambdas it cannot parse.
+_plain = tf.autograph.experimental.do_not_convert
+
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
@@ -135,7 +139,7 @@ def _read(builder, split, image_key, label_key, *, decode: bool):
   decoders = None if decode else {image_key: tfds.decode.SkipDecoding()}
   ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
                           read_config=tfds.ReadConfig(try_autocache=False))
-  return ds.map(lambda ex: (ex[image_key], ex[label_key]))
+  return ds.map(_plain(lambda ex: (ex[image_key], ex[label_key])))
 
 
 def _load_decoded(builder, split, image_key, label_key):
@@ -178,8 +182,10 @@ def _shard_stream(plan: _Plan, slot: int, start_step: int) -> tf.data.Dataset:
           tf.range(size), _fold(epoch_seed, 0))[:num_drop]
       keep = tf.tensor_scatter_nd_update(
           tf.ones([size], tf.bool), drop[:, None], tf.zeros([num_drop], tf.bool))
-      ds = ds.enumerate().filter(lambda i, ex: keep[i]).map(lambda i, ex: ex)
+      ds = ds.enumerate().filter(_plain(lambda i, ex: keep[i])).map(
+          _plain(lambda i, ex: ex))
 
+    @_plain
     def shuffle_block(block_index, block):
       order = tf.random.experimental.stateless_shuffle(
           tf.range(tf.shape(block[1])[0]), _fold(epoch_seed, 1, block_index))
@@ -189,9 +195,9 @@ def _shard_stream(plan: _Plan, slot: int, start_step: int) -> tf.data.Dataset:
     ds = ds.unbatch().enumerate()
     skip = tf.where(epoch == first_epoch, tf.constant(skip_steps * b, tf.int64),
                     tf.constant(0, tf.int64))
-    return ds.skip(skip).map(
+    return ds.skip(skip).map(_plain(
         lambda position, ex: (tf.constant(shard, tf.int64), epoch, position,
-                              ex[0], ex[1]))
+                              ex[0], ex[1])))
 
   # Every epoch holds steps * b examples (minus the skip), so batches never
   # straddle two epochs.
@@ -208,8 +214,8 @@ def _train_dataset(plan: _Plan, start_step: int) -> tf.data.Dataset:
   cfg = plan.config
   streams = [_shard_stream(plan, slot, start_step)
              for slot in range(len(plan.shard_indices))]
-  ds = tf.data.Dataset.zip(tuple(streams)).map(
-      lambda *parts: tuple(tf.concat(column, 0) for column in zip(*parts)))
+  ds = tf.data.Dataset.zip(tuple(streams)).map(_plain(
+      lambda *parts: tuple(tf.concat(column, 0) for column in zip(*parts))))
   image_feature = plan.builder.info.features[plan.image_key]
   # Traced once and called per view. The augmentations use tf.cond and
   # tf.switch_case themselves; autograph's conversion would only slow the
@@ -220,7 +226,7 @@ def _train_dataset(plan: _Plan, start_step: int) -> tf.data.Dataset:
                                        config_augment=cfg.augment),
       autograph=False)
 
-  @tf.autograph.experimental.do_not_convert
+  @_plain
   def make_views(shard, epoch, position, image, label):
     if plan.cached is None:
       image = image_feature.decode_example(image)
@@ -337,6 +343,7 @@ def eval_batches(config: ml_collections.ConfigDict, split: str, *,
   size, channels = config.dataset.image_size, builder.info.features[
       image_key].shape[-1]
 
+  @_plain
   def prepare(image, label):
     return {'image': augment.center_crop(image, out_size=size),
             'label': tf.cast(label, tf.int32), 'mask': True}

@@ -1,0 +1,188 @@
+"""The one declaration of every config key, and the start-up checks on them.
+
+Each file in `configs/` calls `defaults(method)` and then sets the values of
+its recipe, so every run's config declares every key (and is locked by
+`jaxssl.main`). Code reads keys directly; nothing is read with a default deep
+in the code. `validate(config)` runs before anything is built or compiled and
+raises a one-line `ValueError` naming the bad value and what is allowed.
+"""
+
+import math
+
+import ml_collections
+
+from jaxssl import methods
+from jaxssl import models
+
+
+def defaults(method: str = 'simclr') -> ml_collections.ConfigDict:
+  """Returns a config with every key declared, at SimCLR-style defaults.
+
+  Args:
+    method: registry name of the pretraining method; its own section
+      (`config.<method>`) comes from the method's `default_config()`.
+  """
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.method = method
+  c.global_batch_size = 256  # images per step, all processes together
+  c.num_epochs = 100.0  # pretraining length in epochs of the train split
+  c.num_train_steps = -1  # > 0 overrides num_epochs (smoke runs, tests)
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.eval_after_training = False  # linear evaluation at the end of `train`
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'fashion_mnist'  # tfds name, or 'image_folder'
+  c.dataset.data_dir = ''  # '' = $TFDS_DATA_DIR or the tfds default
+  c.dataset.image_folder = ''  # root holding <split>/<class>/<image> files
+  c.dataset.train_split = 'train'
+  c.dataset.eval_train_split = 'train'  # linear-probe training split
+  c.dataset.eval_test_split = 'test'  # linear-probe report split
+  c.dataset.image_size = 224  # side of every view and eval crop
+  c.dataset.shuffle_buffer = 10_000
+  c.dataset.cache = False  # keep the decoded train split in host memory
+  c.dataset.num_shards = 0  # contiguous parts of the split; 0 = processes
+
+  c.augment = ml_collections.ConfigDict()
+  c.augment.recipe = 'simclr'
+  c.augment.num_views = 2
+  c.augment.crop_area = (0.08, 1.0)
+  c.augment.crop_aspect = (3 / 4, 4 / 3)
+  c.augment.flip = True
+  c.augment.color_strength = 1.0  # SimCLR's s
+  c.augment.color_prob = 0.8
+  c.augment.grayscale_prob = 0.2
+  c.augment.blur_prob = 0.5  # 0 disables (CIFAR recipe)
+  c.augment.blur_sigma = (0.1, 2.0)
+  c.augment.brightness = 'multiplicative'  # SimCLR v2; 'additive' = v1
+
+  c.model = ml_collections.ConfigDict()
+  c.model.encoder = 'resnet50'
+  c.model.width_multiplier = 1
+  c.model.stem = 'auto'  # 'auto' = CIFAR stem iff image_size <= 32
+  c.model.dtype = 'float32'  # compute dtype; params stay float32
+  c.model.bn_momentum = 0.9
+  c.model.bn_epsilon = 1e-5
+  c.model.zero_init_residual = True
+
+  c.head = ml_collections.ConfigDict()
+  c.head.num_layers = 3  # SimCLR v2 projection head
+  c.head.hidden_dim = 0  # 0 = the encoder's feature dimension
+  c.head.output_dim = 128
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = 'lars'
+  c.optim.lars_variant = 'simclr'  # lr inside the momentum buffer
+  c.optim.exclude = 'bias_and_norm'
+  c.optim.base_learning_rate = 0.075
+  c.optim.lr_scaling = 'sqrt'  # 'linear' (x B/256) | 'sqrt' (x sqrt B)
+  c.optim.weight_decay = 1e-6
+  c.optim.momentum = 0.9
+  c.optim.nesterov = False
+  c.optim.trust_coefficient = 1e-3
+  c.optim.schedule = 'warmup_cosine'
+  c.optim.warmup_epochs = 10.0
+  c.optim.warmup_start_lr = 0.0
+  c.optim.final_lr = 0.0
+
+  c.linear_eval = ml_collections.ConfigDict()
+  c.linear_eval.num_epochs = 90
+  c.linear_eval.batch_size = 1024
+  c.linear_eval.base_learning_rate = 0.1
+  c.linear_eval.lr_scaling = 'linear'
+  c.linear_eval.weight_decay = 0.0
+  c.linear_eval.momentum = 0.9
+  c.linear_eval.nesterov = True
+  c.linear_eval.feature_batch_size = 1024
+  c.linear_eval.standardize = True  # per-dim mean/std of train features
+  c.linear_eval.random_init_baseline = True
+
+  c[method] = methods.get_method_class(method).default_config()
+  return c
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ValueError(message)
+
+
+def _check_choice(name: str, value, allowed) -> None:
+  _require(value in allowed,
+           f'{name}={value!r} is not allowed; choose one of '
+           f'{", ".join(map(repr, allowed))}')
+
+
+def _check_range(name: str, pair, low: float, high: float) -> None:
+  _require(len(pair) == 2 and low <= pair[0] <= pair[1] <= high,
+           f'{name}={tuple(pair)} must be (min, max) with '
+           f'{low} <= min <= max <= {high}')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every value that can be checked without data or devices.
+
+  Raises:
+    ValueError: one line naming the bad key, its value and what is allowed.
+  """
+  methods.get_method_class(config.method)  # unknown method -> ValueError
+  _require(config.method in config,
+           f'config has no section {config.method!r} for method='
+           f'{config.method!r}; build it with config_schema.defaults('
+           f'{config.method!r})')
+  _require(config.global_batch_size > 0,
+           f'global_batch_size={config.global_batch_size} must be positive')
+  _require(config.num_train_steps > 0 or config.num_epochs > 0,
+           f'num_epochs={config.num_epochs} must be positive when '
+           f'num_train_steps={config.num_train_steps} is not set')
+  for key in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+    _require(config[key] > 0, f'{key}={config[key]} must be positive')
+  _require(config.dataset.image_size > 0,
+           f'dataset.image_size={config.dataset.image_size} must be positive')
+  _require(config.dataset.num_shards >= 0,
+           f'dataset.num_shards={config.dataset.num_shards} must be >= 0')
+  _check_range('augment.crop_area', config.augment.crop_area, 1e-6, 1.0)
+  _check_range('augment.crop_aspect', config.augment.crop_aspect, 1e-3, 1e3)
+  for key in ('color_prob', 'grayscale_prob', 'blur_prob'):
+    value = config.augment[key]
+    _require(0.0 <= value <= 1.0,
+             f'augment.{key}={value} must be a probability in [0, 1]')
+  _require(config.augment.color_strength >= 0,
+           f'augment.color_strength={config.augment.color_strength} must be '
+           '>= 0')
+  _require(config.augment.num_views >= 2,
+           f'augment.num_views={config.augment.num_views} must be >= 2')
+  models.validate_model_config(config.model)
+  _require(config.head.num_layers >= 0 and config.head.output_dim > 0,
+           f'head.num_layers={config.head.num_layers} must be >= 0 and '
+           f'head.output_dim={config.head.output_dim} positive')
+  _validate_optim(config.optim, 'optim')
+  _validate_linear_eval(config.linear_eval)
+  methods.get_method_class(config.method).validate_config(config)
+
+
+def _validate_optim(optim, prefix: str) -> None:
+  _require(math.isfinite(optim.base_learning_rate)
+           and optim.base_learning_rate > 0,
+           f'{prefix}.base_learning_rate={optim.base_learning_rate} must be a '
+           'positive number')
+  _require(optim.weight_decay >= 0,
+           f'{prefix}.weight_decay={optim.weight_decay} must be >= 0')
+  _require(0 <= optim.momentum < 1,
+           f'{prefix}.momentum={optim.momentum} must be in [0, 1)')
+  _require(optim.warmup_epochs >= 0,
+           f'{prefix}.warmup_epochs={optim.warmup_epochs} must be >= 0')
+
+
+def _validate_linear_eval(le) -> None:
+  _require(le.num_epochs > 0 and le.batch_size > 0
+           and le.feature_batch_size > 0,
+           f'linear_eval.num_epochs={le.num_epochs}, batch_size='
+           f'{le.batch_size} and feature_batch_size={le.feature_batch_size} '
+           'must be positive')
+  _require(math.isfinite(le.base_learning_rate) and le.base_learning_rate > 0,
+           f'linear_eval.base_learning_rate={le.base_learning_rate} must be '
+           'a positive number')
+  _check_choice('linear_eval.lr_scaling', le.lr_scaling,
+                ('linear', 'sqrt', 'none'))

@@ -1,0 +1,95 @@
+"""Metrics out of the trainer: TensorBoard event files and a progress line.
+
+Only process 0 writes (clu's writer logs only on the other processes). Step
+metrics stay on device until a log step, then are fetched together, so the
+training loop never blocks on a single step's scalars.
+"""
+
+import math
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from clu import metric_writers
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; the run stops without saving."""
+
+
+def format_duration(seconds: float) -> str:
+  """`1h02m03s`, `4m05s` or `6s`."""
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  if hours:
+    return f'{hours}h{minutes:02d}m{secs:02d}s'
+  return f'{minutes}m{secs:02d}s' if minutes else f'{secs}s'
+
+
+class Reporter:
+  """Collects per-step metrics and writes them every `log_every_steps`."""
+
+  def __init__(self, workdir: str, *, total_steps: int,
+               global_batch_size: int, start_step: int):
+    self._writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0)
+    self._total = total_steps
+    self._batch = global_batch_size
+    self._pending: list[dict[str, jax.Array]] = []
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+    self.last_metrics: dict[str, float] = {}
+
+  def add(self, metrics: dict[str, jax.Array]) -> None:
+    """Queues one step's metrics (device arrays; not fetched yet)."""
+    self._pending.append(metrics)
+
+  def check_finite(self, step: int) -> None:
+    """Raises NonFiniteLossError if any queued loss is not finite."""
+    if not self._pending:
+      return
+    losses = np.asarray(jax.device_get([m['loss'] for m in self._pending]))
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+      first = step - len(losses) + int(bad[0]) + 1
+      raise NonFiniteLossError(
+          f'non-finite loss {losses[bad[0]]} at step {first}; stopping '
+          'without saving, the last complete checkpoint is kept (lower the '
+          'learning rate or check the input data)')
+
+  def write(self, step: int) -> dict[str, float]:
+    """Averages the queued metrics, writes them, prints the progress line."""
+    self.check_finite(step)
+    fetched = jax.device_get(self._pending)
+    self._pending = []
+    metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    now = time.perf_counter()
+    steps = step - self._last_step
+    seconds = max(now - self._last_time, 1e-9)
+    metrics['steps_per_sec'] = steps / seconds
+    metrics['images_per_sec'] = steps * self._batch / seconds
+    self._last_step, self._last_time = step, now
+    self._writer.write_scalars(step, metrics)
+    self.last_metrics = metrics
+    if jax.process_index() == 0:
+      print(self.progress_line(step, metrics), flush=True)
+    return metrics
+
+  def progress_line(self, step: int, metrics: dict[str, float]) -> str:
+    eta = (self._total - step) / max(metrics['steps_per_sec'], 1e-9)
+    parts = [f'step {step}/{self._total}', f'loss {metrics["loss"]:.4f}']
+    if 'contrast_acc' in metrics:
+      parts.append(f'acc {metrics["contrast_acc"]:.3f}')
+    parts += [f'lr {metrics["learning_rate"]:.4g}',
+              f'{metrics["images_per_sec"]:.0f} img/s',
+              f'ETA {format_duration(eta) if math.isfinite(eta) else "?"}']
+    return ' | '.join(parts)
+
+  def write_hparams(self, hparams: dict[str, Any]) -> None:
+    self._writer.write_hparams(hparams)
+
+  def close(self) -> None:
+    self._writer.flush()
+    self._writer.close()

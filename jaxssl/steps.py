@@ -1,0 +1,96 @@
+"""Pure step factories. `jaxssl.train` jits them, in one place.
+
+The train state is one pytree, and all of it is checkpointed: step, params,
+BatchNorm statistics, optimizer state, the base PRNG key and the method's
+extra state (EMA targets, queues).
+"""
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxssl.methods import base
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue exactly.
+
+  Attributes:
+    step: int32 scalar, the number of updates applied.
+    params: trainable parameters (replicated).
+    batch_stats: BatchNorm running statistics (replicated).
+    opt_state: optax state (replicated).
+    rng: uint32 `[2]` raw key data of the base key (`jax.random.key_data`),
+      kept raw so that checkpoints hold plain arrays.
+    extra: the method's extra state (`{}` for SimCLR).
+  """
+  step: jax.Array
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+  rng: jax.Array
+  extra: PyTree
+
+
+def make_init_fn(method: base.Method, optimizer: optax.GradientTransformation,
+                 seed: int) -> Callable[[], TrainState]:
+  """Returns `() -> TrainState` at step 0; identical on every process."""
+
+  def init() -> TrainState:
+    key = jax.random.key(seed)
+    init_key, base_key = jax.random.split(key)
+    params, batch_stats, extra = method.init(init_key)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=batch_stats,
+                      opt_state=optimizer.init(params),
+                      rng=jax.random.key_data(base_key), extra=extra)
+
+  return init
+
+
+def make_train_step(method: base.Method,
+                    optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule):
+  """Returns the pure `(state, batch) -> (state, metrics)` update.
+
+  Args:
+    method: the pretraining method (loss, extra state, post-update rule).
+    optimizer: the optax transformation built for `schedule`.
+    schedule: the learning-rate schedule, for the `learning_rate` metric.
+
+  The per-step key is `fold_in(base_key, step)`, so a resumed run uses the
+  keys an uninterrupted run would. Metrics are replicated float32 scalars.
+  """
+
+  def train_step(state: TrainState, batch: dict[str, Any]):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss_fn(params):
+      return method.loss_fn(params, state.batch_stats, state.extra, batch,
+                            rng, state.step)
+
+    (loss, (batch_stats, extra, metrics)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    grads = method.process_grads(grads, extra, state.step)
+    updates, opt_state = optimizer.update(grads, state.opt_state,
+                                          state.params)
+    params = optax.apply_updates(state.params, updates)
+    step = state.step + 1
+    params, extra = method.post_update(params, extra, step)
+    metrics = dict(metrics, loss=loss,
+                   learning_rate=schedule(state.step),
+                   grad_norm=optax.global_norm(grads),
+                   param_norm=optax.global_norm(params))
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    new_state = state.replace(step=step, params=params,
+                              batch_stats=batch_stats, opt_state=opt_state,
+                              extra=extra)
+    return new_state, metrics
+
+  return train_step

@@ -1,0 +1,185 @@
+"""The only training loop: mesh, data, init or restore, steps, checkpoints.
+
+Everything that touches files, clocks and hosts is here; the step itself
+(`jaxssl.steps`) is pure and is jitted in this module only.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from jaxssl import checkpoint
+from jaxssl import config_schema
+from jaxssl import datasets
+from jaxssl import evaluate
+from jaxssl import input_pipeline
+from jaxssl import methods
+from jaxssl import optim
+from jaxssl import parallel
+from jaxssl import reporting
+from jaxssl import steps
+
+# Keys whose change makes an existing checkpoint unusable for this run.
+_ARCHITECTURE_KEYS = ('method', 'model', 'head')
+
+
+@dataclasses.dataclass
+class Setup:
+  """What `run`, `export` and the tests need to drive a run."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  info: datasets.DatasetInfo
+  method: methods.Method
+  steps_per_epoch: int
+  total_steps: int
+  init_fn: Any  # jitted () -> TrainState, replicated
+  train_step: Any  # jitted (state, batch) -> (state, metrics), state donated
+
+
+def total_train_steps(config: ml_collections.ConfigDict,
+                      steps_per_epoch: int) -> int:
+  """`num_train_steps` if set, else `ceil(num_epochs · steps_per_epoch)`."""
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return max(1, math.ceil(config.num_epochs * steps_per_epoch))
+
+
+def setup(config: ml_collections.ConfigDict,
+          mesh: jax.sharding.Mesh | None = None) -> Setup:
+  """Validates the config and builds everything a run needs, uncompiled."""
+  config_schema.validate(config)
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  parallel.check_batch_divides(config.global_batch_size, mesh,
+                               jax.process_count())
+  info = datasets.dataset_info(config.dataset)
+  steps_per_epoch = input_pipeline.steps_per_epoch(
+      config, info.num_train_examples)
+  total_steps = total_train_steps(config, steps_per_epoch)
+  method = methods.get_method_class(config.method)(
+      config, mesh=mesh, num_channels=info.image_shape[-1])
+  schedule = optim.make_schedule(
+      config.optim, global_batch_size=config.global_batch_size,
+      steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  optimizer = optim.make_optimizer(config.optim, schedule)
+  replicated = parallel.replicated(mesh)
+  init_fn = jax.jit(steps.make_init_fn(method, optimizer, config.seed),
+                    out_shardings=replicated)
+  train_step = jax.jit(steps.make_train_step(method, optimizer, schedule),
+                       donate_argnames='state',
+                       out_shardings=(replicated, replicated))
+  return Setup(config, mesh, info, method, steps_per_epoch, total_steps,
+               init_fn, train_step)
+
+
+def _check_resumable(saved: dict[str, Any],
+                     config: ml_collections.ConfigDict, directory) -> None:
+  current = config.to_dict()
+  for key in _ARCHITECTURE_KEYS:
+    if _jsonable(saved.get(key)) != _jsonable(current.get(key)):
+      raise ValueError(
+          f'{directory} holds a checkpoint with {key}={saved.get(key)!r}, '
+          f'but this config has {key}={current.get(key)!r}; use a new '
+          '--workdir or the original config (the checkpoint is left as is)')
+
+
+def _jsonable(value):
+  """Tuples and lists compare equal, as they do after a JSON round trip."""
+  if isinstance(value, dict):
+    return {k: _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  return value
+
+
+def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer):
+  """Returns `(state, start_step)` from the latest checkpoint or from init."""
+  start = ckpt.latest_step()
+  if start is None:
+    return s.init_fn(), 0
+  _, meta = checkpoint.read_training_meta(str(ckpt.directory.parent), start)
+  _check_resumable(meta['config'], s.config, ckpt.directory)
+  abstract = checkpoint.abstract_with_sharding(
+      jax.eval_shape(s.init_fn), parallel.replicated(s.mesh))
+  return ckpt.restore(start, abstract), start
+
+
+def global_batch(local: dict[str, Any], mesh) -> dict[str, Any]:
+  """Assembles a global batch sharded over 'data' from each process's part."""
+  sharding = parallel.batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x), local)
+
+
+def train(s: Setup, workdir: str):
+  """Runs (or resumes) pretraining to `s.total_steps`; returns the state."""
+  config = s.config
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+  state, start = restore_or_init(s, ckpt)
+  if jax.process_index() == 0:
+    print(f'{config.method}: {s.total_steps} steps ({s.steps_per_epoch} per '
+          f'epoch) at global batch {config.global_batch_size} on '
+          f'{s.mesh.devices.size} devices, {jax.process_count()} process(es); '
+          f'{"resuming from step " + str(start) if start else "from scratch"}',
+          flush=True)
+  if start >= s.total_steps:
+    return state
+  batches = input_pipeline.pretrain_batches(
+      config, start_step=start, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  reporter = reporting.Reporter(workdir, total_steps=s.total_steps,
+                                global_batch_size=config.global_batch_size,
+                                start_step=start)
+  meta = {'config': _jsonable(config.to_dict()),
+          'encoder_spec': evaluate.encoder_spec(
+              config, num_channels=s.info.image_shape[-1], step=0)}
+  try:
+    for step in range(start + 1, s.total_steps + 1):
+      state, metrics = s.train_step(state, global_batch(next(batches), s.mesh))
+      reporter.add(metrics)
+      last = step == s.total_steps
+      if step % config.log_every_steps == 0 or last:
+        reporter.write(step)
+      if step % config.checkpoint_every_steps == 0 or last:
+        reporter.check_finite(step)
+        ckpt.save(step, state, meta)
+  finally:
+    ckpt.wait()
+    reporter.close()
+  return state
+
+
+def export(s: Setup, state, destination: str) -> str:
+  """Writes the encoder of `state` (params + BN statistics) to `destination`."""
+  variables = s.method.encoder_variables(state.params, state.batch_stats)
+  spec = evaluate.encoder_spec(s.config, num_channels=s.info.image_shape[-1],
+                               step=int(state.step))
+  checkpoint.export_encoder(destination, variables, spec)
+  if jax.process_index() == 0:
+    print(f'exported the encoder at step {int(state.step)} to {destination}',
+          flush=True)
+  return destination
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Pretrains, exports the encoder and, if configured, evaluates it.
+
+  Returns:
+    `{'step': final step, 'eval': linear-eval results or None}`.
+  """
+  s = setup(config)
+  if config.eval_after_training:
+    evaluate.check_eval_config(config, s.mesh)
+  state = train(s, workdir)
+  destination = str(epath.Path(workdir) / checkpoint.EXPORT_SUBDIR)
+  export(s, state, destination)
+  results = None
+  if config.eval_after_training:
+    results = evaluate.run(config, destination, s.mesh,
+                           results_path=str(epath.Path(workdir)
+                                            / 'linear_eval.json'))
+  return {'step': int(np.asarray(state.step)), 'eval': results}

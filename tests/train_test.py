@@ -1,0 +1,186 @@
+"""End-to-end tests of the training loop on the tiny config (real data).
+
+Covers: 8 devices equal 1 device on the same global batch, exact resume
+after losing the newest checkpoint, a real killed-and-restarted process,
+export and linear evaluation from the export and from a training checkpoint,
+TensorBoard event files, and the non-finite-loss stop.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from etils import epath
+
+from conftest import load_config
+from jaxssl import checkpoint
+from jaxssl import evaluate
+from jaxssl import input_pipeline
+from jaxssl import parallel
+from jaxssl import reporting
+from jaxssl import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def tiny(fashion_mnist_dir):
+  def make(**overrides):
+    return load_config('tiny', **{'dataset.data_dir': fashion_mnist_dir,
+                                  **overrides})
+  return make
+
+
+def _losses(config, mesh, num_steps):
+  s = train.setup(config, mesh)
+  state = s.init_fn()
+  batches = input_pipeline.pretrain_batches(config, start_step=0)
+  losses = []
+  for _ in range(num_steps):
+    state, metrics = s.train_step(state, train.global_batch(next(batches),
+                                                            mesh))
+    losses.append(float(metrics['loss']))
+  return np.asarray(losses), jax.device_get(state.params)
+
+
+def test_eight_devices_equal_one_device(tiny, mesh1, mesh8):
+  config = tiny()
+  losses1, params1 = _losses(config, mesh1, 4)
+  losses8, params8 = _losses(config, mesh8, 4)
+  np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6),
+               params8, params1)
+  assert np.all(np.isfinite(losses1))
+
+
+def _restore_params(config, workdir, step):
+  s = train.setup(config)
+  abstract = checkpoint.abstract_with_sharding(
+      jax.eval_shape(s.init_fn), parallel.replicated(s.mesh))
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+  state = ckpt.restore(step, abstract)
+  ckpt.close()
+  return jax.device_get(state)
+
+
+def test_resume_after_losing_the_newest_checkpoint_is_exact(tiny, tmp_path):
+  config = tiny(eval_after_training=False)
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  train.run(config, straight)
+  train.run(config, resumed)
+  # The process "died" after saving step 4 and before saving step 8.
+  (epath.Path(resumed) / 'checkpoints' / '8').rmtree()
+  assert checkpoint.Checkpointer(resumed, keep=2).latest_step() == 4
+  result = train.run(config, resumed)
+  assert result['step'] == 8
+  a = _restore_params(config, straight, 8)
+  b = _restore_params(config, resumed, 8)
+  jax.tree.map(np.testing.assert_array_equal, b, a)
+
+
+def _tensorboard_scalars(workdir, tag):
+  import tensorflow as tf
+  values = {}
+  for path in epath.Path(workdir).glob('events.out.tfevents.*'):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        if value.tag == tag:
+          values[event.step] = float(tf.make_ndarray(value.tensor))
+  return values
+
+
+def test_killed_process_resumes_to_the_same_result(tiny, tmp_path,
+                                                    fashion_mnist_dir):
+  config = tiny(eval_after_training=False, num_train_steps=24,
+                checkpoint_every_steps=4, log_every_steps=1)
+  straight = str(tmp_path / 'straight')
+  train.run(config, straight)
+  workdir = str(tmp_path / 'killed')
+  cmd = [sys.executable, '-m', 'jaxssl.main', '--config=configs/tiny.py',
+         f'--workdir={workdir}', f'--config.dataset.data_dir={fashion_mnist_dir}',
+         '--config.eval_after_training=False',
+         '--config.num_train_steps=24', '--config.checkpoint_every_steps=4',
+         '--config.log_every_steps=1']
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+  first = epath.Path(workdir) / 'checkpoints' / '4'
+  deadline = time.time() + 300
+  while not first.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
+  a = _restore_params(config, straight, 24)
+  b = _restore_params(config, workdir, 24)
+  jax.tree.map(np.testing.assert_array_equal, b, a)
+  logged = _tensorboard_scalars(workdir, 'loss')
+  expected = _tensorboard_scalars(straight, 'loss')
+  assert sorted(logged) and set(logged) <= set(expected)
+  for step, value in logged.items():
+    assert value == expected[step], step
+
+
+def test_run_exports_and_evaluates(tiny, tmp_path, capsys):
+  workdir = str(tmp_path / 'run')
+  result = train.run(tiny(), workdir)
+  out = capsys.readouterr().out
+  assert 'linear eval on fashion_mnist' in out and 'random init' in out
+  enc, base = result['eval']['encoder'], result['eval']['random_init']
+  for r in (enc, base):
+    assert 0.0 < r['top1'] <= r['top5'] <= 1.0
+    assert r['num_test'] == 512 and r['num_train'] == 1024
+  assert (epath.Path(workdir) / 'linear_eval.json').exists()
+  assert list(epath.Path(workdir).glob('events.out.tfevents.*'))
+  mesh = parallel.make_mesh()
+  # The export and the training checkpoint hold the same encoder.
+  spec_e, _, from_export = evaluate.load_encoder(workdir, mesh)
+  spec_c, _, from_ckpt = evaluate.load_encoder(workdir, mesh,
+                                               prefer_export=False)
+  assert spec_e['step'] == spec_c['step'] == 8
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(from_export),
+               jax.device_get(from_ckpt))
+  # Evaluating the export again reproduces the numbers exactly.
+  again = evaluate.run(tiny(**{'linear_eval.random_init_baseline': False}),
+                       str(epath.Path(workdir) / 'export'), mesh)
+  assert again['encoder'] == enc
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tiny, tmp_path):
+  workdir = str(tmp_path / 'nan')
+  config = tiny(eval_after_training=False)
+  train.run(config, workdir)  # steps 4 and 8 saved
+  hot = tiny(eval_after_training=False, num_train_steps=16,
+             **{'optim.base_learning_rate': 1e30})
+  with pytest.raises(reporting.NonFiniteLossError, match='non-finite loss'):
+    train.run(hot, workdir)
+  assert checkpoint.Checkpointer(workdir, keep=2).latest_step() == 8
+
+
+@pytest.mark.parametrize('overrides, match', [
+    ({'global_batch_size': 36}, 'not divisible by the device count 8'),
+    ({'method': 'simclrr'}, "unknown method 'simclrr'"),
+    ({'model.encoder': 'resnet5'}, "unknown encoder 'resnet5'"),
+    ({'simclr.temperature': 0.0}, 'simclr.temperature=0.0 must be > 0'),
+    ({'optim.base_learning_rate': -0.1},
+     'optim.base_learning_rate=-0.1 must be a positive number'),
+    ({'dataset.name': 'fashion_mnistt'}, 'fashion_mnistt'),
+])
+def test_bad_input_fails_before_compiling(tiny, overrides, match):
+  with pytest.raises(ValueError, match=match):
+    train.setup(tiny(**overrides))
+
+
+def test_changed_architecture_does_not_touch_the_checkpoint(tiny, tmp_path):
+  workdir = str(tmp_path / 'arch')
+  train.run(tiny(eval_after_training=False), workdir)
+  with pytest.raises(ValueError, match='holds a checkpoint with head='):
+    train.run(tiny(eval_after_training=False,
+                   **{'head.output_dim': 8}), workdir)
+  assert checkpoint.Checkpointer(workdir, keep=2).latest_step() == 8
