@@ -11,6 +11,7 @@ import math
 
 import ml_collections
 
+from jaxssl import augment
 from jaxssl import methods
 from jaxssl import models
 
@@ -114,12 +115,6 @@ def _check_choice(name: str, value, allowed) -> None:
            f'{", ".join(map(repr, allowed))}')
 
 
-def _check_range(name: str, pair, low: float, high: float) -> None:
-  _require(len(pair) == 2 and low <= pair[0] <= pair[1] <= high,
-           f'{name}={tuple(pair)} must be (min, max) with '
-           f'{low} <= min <= max <= {high}')
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every value that can be checked without data or devices.
 
@@ -142,17 +137,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'dataset.image_size={config.dataset.image_size} must be positive')
   _require(config.dataset.num_shards >= 0,
            f'dataset.num_shards={config.dataset.num_shards} must be >= 0')
-  _check_range('augment.crop_area', config.augment.crop_area, 1e-6, 1.0)
-  _check_range('augment.crop_aspect', config.augment.crop_aspect, 1e-3, 1e3)
-  for key in ('color_prob', 'grayscale_prob', 'blur_prob'):
-    value = config.augment[key]
-    _require(0.0 <= value <= 1.0,
-             f'augment.{key}={value} must be a probability in [0, 1]')
-  _require(config.augment.color_strength >= 0,
-           f'augment.color_strength={config.augment.color_strength} must be '
-           '>= 0')
-  _require(config.augment.num_views >= 2,
-           f'augment.num_views={config.augment.num_views} must be >= 2')
+  augment.check_config(config.augment)
   models.validate_model_config(config.model)
   _require(config.head.num_layers >= 0 and config.head.output_dim > 0,
            f'head.num_layers={config.head.num_layers} must be >= 0 and '

@@ -44,58 +44,45 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None,
                                    'This process (with coordinator).')
 
 
-def _maybe_initialize_distributed() -> None:
-  """Starts the multi-controller runtime when running as one of many."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if _COORDINATOR.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
-  elif (int(os.environ.get('SLURM_NTASKS', '1')) > 1
-        or os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0
-        or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS')):
-    jax.distributed.initialize()
-
-
 def _main(argv, mode=None) -> None:
+  """Runs the mode; bad input ends with one line on stderr and exit code 1."""
   del argv
-  if not flags.FLAGS['verbosity'].present:
+  verbose = flags.FLAGS['verbosity'].present
+  if not verbose:
     # Library INFO logs (orbax, tfds, clu) drown the progress line; -v 0
-    # brings them back.
+    # brings them back (and full tracebacks for the errors below).
     logging.set_verbosity(logging.WARNING)
-  mode = mode or _MODE.value
+  try:
+    _run_mode(mode or _MODE.value)
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    if verbose:
+      raise
+    sys.exit(f'jaxssl: error: {e}')
+
+
+def _run_mode(mode: str) -> None:
   config = _CONFIG.value
   if config is None:
     raise app.UsageError('--config is required (a file in configs/)')
+  from jaxssl import config_schema  # pylint: disable=g-import-not-at-top
+  config_schema.validate(config)
   if mode == 'preview':
     from jaxssl import preview  # pylint: disable=g-import-not-at-top
     print(preview.write_view_grid(config, _OUT.value))
     return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
-  _maybe_initialize_distributed()
   from jaxssl import evaluate, parallel, train  # pylint: disable=g-import-not-at-top
+  parallel.maybe_initialize_distributed(_COORDINATOR.value,
+                                        _NUM_PROCESSES.value,
+                                        _PROCESS_ID.value)
   if mode == 'train':
     train.run(config, _WORKDIR.value)
   elif mode == 'eval':
     evaluate.run(config, _SOURCE.value or _WORKDIR.value,
                  parallel.make_mesh())
   elif mode == 'export':
-    export_latest(config, _WORKDIR.value)
-
-
-def export_latest(config, workdir: str) -> str:
-  """Exports the encoder of `workdir`'s latest checkpoint to its export/."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  from jaxssl import checkpoint, evaluate, parallel  # pylint: disable=g-import-not-at-top
-  mesh = parallel.make_mesh()
-  spec, _, variables = evaluate.load_encoder(workdir, mesh,
-                                             prefer_export=False)
-  destination = str(epath.Path(workdir) / checkpoint.EXPORT_SUBDIR)
-  checkpoint.export_encoder(destination, variables, spec)
-  print(f'exported the encoder at step {spec["step"]} to {destination}')
-  del config
-  return destination
+    train.export_latest(_WORKDIR.value)
 
 
 def run_main() -> None:

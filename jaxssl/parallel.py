@@ -7,6 +7,7 @@ losses that need per-device semantics run in `jax.shard_map` islands over the
 same axis and receive `axis_name=DATA_AXIS`. See docs/architecture.md.
 """
 
+import os
 from typing import Sequence
 
 import jax
@@ -59,3 +60,29 @@ def check_batch_divides(global_batch_size: int, mesh: Mesh,
         f'global_batch_size={global_batch_size} is not divisible by the '
         f'process count {process_count} (devices={devices}); use a multiple '
         f'of {np.lcm(devices, process_count)}')
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> bool:
+  """Starts JAX's multi-controller runtime when this is one of many processes.
+
+  Explicit arguments win; otherwise a Cloud TPU pod slice (more than one
+  worker in `TPU_WORKER_HOSTNAMES`), a multi-slice job or SLURM with more
+  than one task is detected and `jax.distributed.initialize()` auto-detects
+  the rest. A single process with no cluster environment does nothing.
+
+  Returns:
+    Whether the distributed runtime was initialised.
+  """
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes,
+                               process_id=process_id)
+    return True
+  if (int(os.environ.get('SLURM_NTASKS', '1')) > 1
+      or ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')
+      or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS')):
+    jax.distributed.initialize()
+    return True
+  return False

@@ -183,3 +183,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                            results_path=str(epath.Path(workdir)
                                             / 'linear_eval.json'))
   return {'step': int(np.asarray(state.step)), 'eval': results}
+
+
+def export_latest(workdir: str) -> str:
+  """Exports the encoder of `workdir`'s latest checkpoint to its export/.
+
+  Only the encoder is read from the checkpoint (a partial restore).
+  """
+  mesh = parallel.make_mesh()
+  spec, _, variables = evaluate.load_encoder(workdir, mesh,
+                                             prefer_export=False)
+  destination = str(epath.Path(workdir) / checkpoint.EXPORT_SUBDIR)
+  checkpoint.export_encoder(destination, variables, spec)
+  if jax.process_index() == 0:
+    print(f'exported the encoder at step {spec["step"]} to {destination}',
+          flush=True)
+  return destination

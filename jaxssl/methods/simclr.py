@@ -6,6 +6,10 @@ Semantics follow google-research/simclr `tf2/` (see docs/methods.md):
   all devices (global view under `jit`);
 - NT-Xent runs in a `shard_map` island; every device's anchors see every
   device's keys through a differentiable all-gather;
+- the objective is the official one, `loss_a + loss_b` averaged over the
+  global batch, i.e. 2·L where L = `losses.nt_xent` (the paper's mean over
+  the 2·N anchors). The factor matters: LARS's trust ratio mixes the gradient
+  with weight decay, and excluded parameters take plain `lr·g` steps;
 - no extra state, no post-update rule.
 
 References:
@@ -128,6 +132,7 @@ class SimCLR(base.Method):
         {'params': params, 'batch_stats': batch_stats}, x, train=True,
         mutable=['batch_stats'])
     z = z.reshape(n, v, -1)
-    loss, metrics = self._contrastive(z[:, 0], z[:, 1])
+    mean_loss, metrics = self._contrastive(z[:, 0], z[:, 1])
+    loss = 2.0 * mean_loss  # tf2/objective.py's mean(loss_a + loss_b)
     metrics = dict(metrics, loss=loss, embedding_std=embedding_std(z[:, 0]))
     return loss, (mutated['batch_stats'], extra, metrics)
