@@ -87,6 +87,27 @@ def _peak_rss_bytes() -> int:
   return peak
 
 
+def _planned_excess(memory, device, limit_bytes: int) -> str | None:
+  """Why XLA's buffer plan cannot fit, or None.
+
+  On CPU the plan (temporaries + outputs) adds to the current RSS and is
+  compared with `limit_bytes`; on an accelerator the plan plus the inputs
+  is compared with the device's own allocator limit.
+  """
+  planned = memory.temp_size_in_bytes + memory.output_size_in_bytes
+  stats = device.memory_stats() or {}
+  if 'bytes_limit' in stats:
+    planned += memory.argument_size_in_bytes
+    limit, where = stats['bytes_limit'], 'device'
+  else:
+    planned += _proc_status_bytes('VmRSS') or 0
+    limit, where = limit_bytes, 'host'
+  if planned <= limit:
+    return None
+  return (f'XLA plans {planned / GIB:.1f} GiB > {where} limit '
+          f'{limit / GIB:.1f} GiB')
+
+
 def _loss_fn(case):
   from jaxssl import losses  # pylint: disable=g-import-not-at-top
   if case['impl'] == 'dense':
@@ -116,12 +137,9 @@ def measure(case: dict) -> dict:
   memory = compiled.memory_analysis()
   if memory is not None:
     out['xla_temp_bytes'] = int(memory.temp_size_in_bytes)
-    planned = _proc_status_bytes('VmRSS') or 0
-    planned += memory.temp_size_in_bytes + memory.output_size_in_bytes
-    if planned > case['limit_bytes']:
-      return dict(out, status='skipped', reason=(
-          f'XLA plans {planned / GIB:.1f} GiB > limit '
-          f'{case["limit_bytes"] / GIB:.1f} GiB'))
+    too_big = _planned_excess(memory, device, case['limit_bytes'])
+    if too_big:
+      return dict(out, status='skipped', reason=too_big)
   start = time.perf_counter()
   loss, _ = jax.block_until_ready(compiled(z1, z2))
   out['first_run_s'] = time.perf_counter() - start
