@@ -235,9 +235,9 @@ def nt_xent_blockwise(z1: jax.Array, z2: jax.Array, temperature: float, *,
     2022 (tiling with recomputation); Milakov & Gimelshein, "Online
     normalizer calculation for softmax", 2018.
   """
-  temperature = ntxent._check(z1, z2, temperature)
+  temperature = ntxent.check_args(z1, z2, temperature)
   block_size = checks.check_positive_int(block_size, 'block_size')
-  v = ntxent._Views(z1, z2, axis_name)
+  v = ntxent.ViewBatch(z1, z2, axis_name)
   return _blockwise_loss(v, temperature, block_size, axis_name)
 
 
@@ -257,8 +257,8 @@ def nt_xent_blockwise_with_metrics(z1: jax.Array, z2: jax.Array,
   References:
     google-research/simclr `tf2/metrics.py:update_pretrain_metrics_train`.
   """
-  temperature = ntxent._check(z1, z2, temperature)
+  temperature = ntxent.check_args(z1, z2, temperature)
   block_size = checks.check_positive_int(block_size, 'block_size')
-  v = ntxent._Views(z1, z2, axis_name)
+  v = ntxent.ViewBatch(z1, z2, axis_name)
   loss = _blockwise_loss(v, temperature, block_size, axis_name)
   return loss, _streamed_metrics(v, temperature, block_size, axis_name)

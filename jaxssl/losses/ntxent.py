@@ -15,8 +15,11 @@ from jaxssl.losses import checks
 from jaxssl.losses import numerics
 
 
-class _Views:
-  """Normalised local and gathered views plus the column bookkeeping."""
+class ViewBatch:
+  """Normalised local and gathered views plus the column bookkeeping.
+
+  Shared with `blockwise.py`; not part of the public API.
+  """
 
   def __init__(self, z1, z2, axis_name):
     self.h1 = numerics.l2_normalize(z1)
@@ -45,7 +48,8 @@ class _Views:
     return jnp.concatenate([self.rows + self.num_images, self.rows])
 
 
-def _check(z1, z2, temperature):
+def check_args(z1, z2, temperature) -> float:
+  """Validates the NT-Xent inputs; returns the temperature as a float."""
   checks.check_embeddings([('z1', z1), ('z2', z2)])
   return checks.check_temperature(temperature)
 
@@ -62,7 +66,7 @@ def _contrast_metrics(logits_ab, rows, axis_name):
   }
 
 
-def _dense_loss(v: _Views, temperature: float, axis_name):
+def _dense_loss(v: ViewBatch, temperature: float, axis_name):
   """Returns the replicated loss and the local `[2n, 2N]` masked logits."""
   logits = numerics.dot_t(v.queries, v.keys) / temperature
   logits = logits - numerics.LARGE_NUM * jax.nn.one_hot(
@@ -94,8 +98,8 @@ def nt_xent_with_metrics(z1: jax.Array, z2: jax.Array, temperature: float, *,
   References:
     google-research/simclr `tf2/metrics.py:update_pretrain_metrics_train`.
   """
-  temperature = _check(z1, z2, temperature)
-  v = _Views(z1, z2, axis_name)
+  temperature = check_args(z1, z2, temperature)
+  v = ViewBatch(z1, z2, axis_name)
   loss, logits = _dense_loss(v, temperature, axis_name)
   logits_ab = logits[:v.n, v.num_images:]
   return loss, _contrast_metrics(logits_ab, v.rows, axis_name)
@@ -139,5 +143,5 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float, *,
     Representations", ICML 2020, eq. 1; google-research/simclr
     `tf2/objective.py:add_contrastive_loss`.
   """
-  temperature = _check(z1, z2, temperature)
-  return _dense_loss(_Views(z1, z2, axis_name), temperature, axis_name)[0]
+  temperature = check_args(z1, z2, temperature)
+  return _dense_loss(ViewBatch(z1, z2, axis_name), temperature, axis_name)[0]
