@@ -67,6 +67,7 @@ def defaults(method: str = 'simclr') -> ml_collections.ConfigDict:
   c.model.bn_momentum = 0.9
   c.model.bn_epsilon = 1e-5
   c.model.zero_init_residual = True
+  c.model.conv_impl = 'auto'  # matmul-based convs on CPU (models/fastconv)
 
   c.head = ml_collections.ConfigDict()
   c.head.num_layers = 3  # SimCLR v2 projection head

@@ -10,11 +10,11 @@ The console scripts `jaxssl-pretrain`, `jaxssl-eval` and `jaxssl-export` are
 the same program with the mode fixed.
 """
 
-import os
 import sys
 
-# TensorFlow (used for input only) prints C++ banners unless told before import.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from jaxssl import runtime
+
+runtime.configure_process()
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top

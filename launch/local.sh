@@ -60,7 +60,7 @@ case "$cmd" in
   test)
     ensure_fashion_mnist
     ensure_venv
-    exec "$VENV/bin/python" -m pytest "$@"
+    exec "$VENV/bin/python" -m pytest -n "${JAXSSL_TEST_WORKERS:-2}" "$@"
     ;;
   setup)
     ensure_fashion_mnist

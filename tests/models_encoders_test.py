@@ -34,7 +34,8 @@ _RESNETS = {  # depth: (bottleneck?, blocks per stage), He et al. Table 1.
 def _config(**overrides):
   config = ml_collections.ConfigDict(dict(
       encoder='resnet18', width_multiplier=1, stem='auto', dtype='float32',
-      bn_momentum=0.9, bn_epsilon=1e-5, zero_init_residual=True))
+      bn_momentum=0.9, bn_epsilon=1e-5, zero_init_residual=True,
+      conv_impl='auto'))
   config.update(overrides)
   return config
 
@@ -67,7 +68,7 @@ def _expected_feature_dim(name, width):
   if name.startswith('resnet'):
     bottleneck, _ = _RESNETS[int(name[len('resnet'):])]
     return 512 * (4 if bottleneck else 1) * width
-  return {'small_cnn': 128, 'tiny_cnn': 16}[name] * width
+  return {'small_cnn': 256, 'tiny_cnn': 16}[name] * width
 
 
 def test_registry_names():
@@ -239,6 +240,9 @@ def test_convs_have_no_bias_and_only_bn_has_1d_params(name):
   for path, leaf in _paths(variables['params']).items():
     if 'bn' in path[-2]:
       assert path[-1] in ('scale', 'bias') and leaf.ndim == 1, path
+    elif path[-2] == 'fc':  # small_cnn's bias-free dense representation
+      assert name == 'small_cnn' and path[-1] == 'kernel', path
+      assert leaf.ndim == 2, path
     else:
       assert path[-1] == 'kernel' and leaf.ndim == 4, path
       assert 'conv' in path[-2], path

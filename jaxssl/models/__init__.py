@@ -12,6 +12,7 @@ features `[B, feature_dim(config.model)]`. Config keys read:
   bn_momentum        BatchNorm running-average decay (0.9)
   bn_epsilon         BatchNorm epsilon (1e-5)
   zero_init_residual gamma = 0 in the last BN of each residual block; ResNets
+  conv_impl          'auto' | 'im2col' | 'xla' (see `fastconv.conv2d`)
 
 `validate_model_config` checks them all at startup; `compute_dtype` gives the
 dtype that heads should compute in; heads live in `jaxssl.models.heads`.
@@ -23,7 +24,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import ml_collections
 
-from jaxssl.models import heads, layers, resnet, small
+from jaxssl.models import fastconv, heads, layers, resnet, small
 from jaxssl.models.heads import (MLPHead, Prototypes, ProjectionHead,
                                  normalize_prototypes)
 from jaxssl.models.layers import BatchNorm, Conv, conv, dtype_from_name
@@ -62,6 +63,9 @@ def validate_model_config(model_config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'unknown model.stem {model_config.stem!r}; known: '
                      f"{', '.join(STEMS)}")
   layers.dtype_from_name(model_config.dtype)
+  if model_config.conv_impl not in fastconv.IMPLS:
+    raise ValueError(f'unknown model.conv_impl {model_config.conv_impl!r}; '
+                     f"known: {', '.join(fastconv.IMPLS)}")
   if not 0.0 <= model_config.bn_momentum < 1.0:
     raise ValueError(f'model.bn_momentum={model_config.bn_momentum!r} must '
                      'be in [0, 1)')

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxssl.models import fastconv
+
 Initializer = Callable[..., jax.Array]
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -76,6 +78,8 @@ class Conv(nn.Module):
     strides: stride along height and width.
     dtype: compute dtype; the input and the kernel are cast to it.
     kernel_init: kernel initializer.
+    impl: `fastconv.conv2d` implementation: 'auto' (matmul-based products
+      on CPU, `lax.conv_general_dilated` on TPU/GPU), 'im2col' or 'xla'.
 
   References:
     google-research/simclr `resnet.py:conv2d_fixed_padding`.
@@ -85,6 +89,7 @@ class Conv(nn.Module):
   strides: int = 1
   dtype: Any = jnp.float32
   kernel_init: Initializer = conv_kernel_init
+  impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -107,15 +112,14 @@ class Conv(nn.Module):
     kernel = self.param('kernel', self.kernel_init,
                         (k, k, x.shape[-1], self.features), jnp.float32)
     padding = _fixed_padding(k)
-    return lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype),
-        window_strides=(self.strides, self.strides),
-        padding=(padding, padding),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return fastconv.conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
+                           strides=self.strides, padding=(padding, padding),
+                           impl=self.impl)
 
 
 def conv(features: int, kernel_size: int, strides: int = 1, *, name: str,
-         dtype: Any, kernel_init: Initializer = conv_kernel_init) -> nn.Module:
+         dtype: Any, kernel_init: Initializer = conv_kernel_init,
+         impl: str = 'auto') -> nn.Module:
   """Builds the convolution every encoder uses (the one plug-in point).
 
   Args:
@@ -125,13 +129,14 @@ def conv(features: int, kernel_size: int, strides: int = 1, *, name: str,
     name: submodule name; must not contain 'bn' or 'norm'.
     dtype: compute dtype.
     kernel_init: kernel initializer (TF1 variance scaling by default).
+    impl: convolution implementation (`Conv.impl`).
 
   Returns:
     A Linen module mapping `[B, H, W, C]` to `[B, H', W', features]`, with a
     single float32 `kernel` param of shape `[k, k, C, features]`.
   """
   return Conv(features=features, kernel_size=kernel_size, strides=strides,
-              dtype=dtype, kernel_init=kernel_init, name=name)
+              dtype=dtype, kernel_init=kernel_init, impl=impl, name=name)
 
 
 class BatchNorm(nn.Module):

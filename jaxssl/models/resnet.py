@@ -35,6 +35,7 @@ class _Block(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   bn_groups: int = 1
+  conv_impl: str = 'auto'
 
   def _norm(self, name: str, zero_init: bool = False) -> nn.Module:
     scale_init = (nn.initializers.zeros if zero_init and
@@ -49,7 +50,7 @@ class _Block(nn.Module):
     if self.strides == 1 and x.shape[-1] == out_features:
       return x
     x = layers.conv(out_features, 1, self.strides, name='shortcut_conv',
-                    dtype=self.dtype)(x)
+                    dtype=self.dtype, impl=self.conv_impl)(x)
     return self._norm('shortcut_bn')(x, train)
 
 
@@ -65,9 +66,10 @@ class BasicBlock(_Block):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     shortcut = self._shortcut(x, self.filters, train)
     y = layers.conv(self.filters, 3, self.strides, name='conv1',
-                    dtype=self.dtype)(x)
+                    dtype=self.dtype, impl=self.conv_impl)(x)
     y = nn.relu(self._norm('bn1')(y, train))
-    y = layers.conv(self.filters, 3, 1, name='conv2', dtype=self.dtype)(y)
+    y = layers.conv(self.filters, 3, 1, name='conv2', dtype=self.dtype,
+                    impl=self.conv_impl)(y)
     y = self._norm('bn2', zero_init=True)(y, train)
     return nn.relu(y + shortcut)
 
@@ -84,12 +86,14 @@ class BottleneckBlock(_Block):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     out_features = self.expansion * self.filters
     shortcut = self._shortcut(x, out_features, train)
-    y = layers.conv(self.filters, 1, 1, name='conv1', dtype=self.dtype)(x)
+    y = layers.conv(self.filters, 1, 1, name='conv1', dtype=self.dtype,
+                    impl=self.conv_impl)(x)
     y = nn.relu(self._norm('bn1')(y, train))
     y = layers.conv(self.filters, 3, self.strides, name='conv2',
-                    dtype=self.dtype)(y)
+                    dtype=self.dtype, impl=self.conv_impl)(y)
     y = nn.relu(self._norm('bn2')(y, train))
-    y = layers.conv(out_features, 1, 1, name='conv3', dtype=self.dtype)(y)
+    y = layers.conv(out_features, 1, 1, name='conv3', dtype=self.dtype,
+                    impl=self.conv_impl)(y)
     y = self._norm('bn3', zero_init=True)(y, train)
     return nn.relu(y + shortcut)
 
@@ -132,6 +136,7 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   bn_groups: int = 1
+  conv_impl: str = 'auto'
 
   def _architecture(self) -> tuple[type[_Block], tuple[int, ...]]:
     if self.depth not in ARCHITECTURES:
@@ -171,10 +176,12 @@ class ResNet(nn.Module):
         layers.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
         num_groups=self.bn_groups, dtype=self.dtype)
     if self.cifar_stem:
-      x = layers.conv(width, 3, 1, name='stem_conv', dtype=self.dtype)(x)
+      x = layers.conv(width, 3, 1, name='stem_conv', dtype=self.dtype,
+                      impl=self.conv_impl)(x)
       x = nn.relu(norm(name='stem_bn')(x, train))
     else:
-      x = layers.conv(width, 7, 2, name='stem_conv', dtype=self.dtype)(x)
+      x = layers.conv(width, 7, 2, name='stem_conv', dtype=self.dtype,
+                      impl=self.conv_impl)(x)
       x = nn.relu(norm(name='stem_bn')(x, train))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
     for stage, num_blocks in enumerate(stage_sizes):
@@ -184,7 +191,7 @@ class ResNet(nn.Module):
             strides=2 if stage > 0 and index == 0 else 1,
             zero_init_residual=self.zero_init_residual, dtype=self.dtype,
             bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-            bn_groups=self.bn_groups,
+            bn_groups=self.bn_groups, conv_impl=self.conv_impl,
             name=f'stage{stage + 1}_block{index}')(x, train)
     return x.astype(jnp.float32).mean(axis=(1, 2))
 
@@ -196,7 +203,7 @@ def build_resnet(depth: int, model_config: ml_collections.ConfigDict, *,
   Args:
     depth: 18, 34, 50, 101 or 152.
     model_config: `config.model`; reads `width_multiplier`, `dtype`,
-      `zero_init_residual`, `bn_momentum`, `bn_epsilon`.
+      `zero_init_residual`, `bn_momentum`, `bn_epsilon`, `conv_impl`.
     cifar_stem: the resolved stem choice.
     bn_groups: BatchNorm statistics groups.
 
@@ -209,4 +216,5 @@ def build_resnet(depth: int, model_config: ml_collections.ConfigDict, *,
       zero_init_residual=model_config.zero_init_residual,
       dtype=layers.dtype_from_name(model_config.dtype),
       bn_momentum=model_config.bn_momentum,
-      bn_epsilon=model_config.bn_epsilon, bn_groups=bn_groups)
+      bn_epsilon=model_config.bn_epsilon, bn_groups=bn_groups,
+      conv_impl=model_config.conv_impl)

@@ -1,7 +1,7 @@
 """Small convolutional encoders for CPU work: the quickstart and the tests.
 
-`SmallCNN` is a VGG-style net for 28-32 px images (Fashion-MNIST, CIFAR) that
-trains at useful speed on a laptop CPU; `TinyCNN` is the smallest encoder
+`SmallCNN` is a three-stage convnet with a dense representation for 28-32 px
+images (Fashion-MNIST, CIFAR) that trains at useful speed on a laptop CPU; `TinyCNN` is the smallest encoder
 that still has convs and BatchNorm, so unit and end-to-end tests compile in
 seconds. Both use `layers.conv` and `layers.BatchNorm` like the ResNets, so
 every code path (bf16, grouped BN, weight-decay masks) is exercised on CPU.
@@ -19,34 +19,44 @@ from jaxssl.models import layers
 
 
 class SmallCNN(nn.Module):
-  """Stem conv, then stages of (3x3 conv-BN-ReLU) x n, 2x2 max-pool between.
+  """Conv stages, then a learned dense representation (LeNet/VGG style).
 
-  Layout for `widths=(32, 64, 128)`, `convs_per_stage=2`: conv32 ->
-  [conv32, conv32] -> pool -> [conv64, conv64] -> pool -> [conv128, conv128]
-  -> global average pool. Submodules: `stem_conv`, `stem_bn`,
-  `stage{s}_conv{c}`, `stage{s}_bn{c}`.
+  Layout for `widths=(32, 64, 128)`, `feature_width=256` and a 28 px input:
+  conv32-BN-ReLU -> 2x2 avg-pool -> conv64-BN-ReLU -> 2x2 avg-pool ->
+  conv128-BN-ReLU (7x7x128) -> flatten -> Dense(256, no bias)-BN-ReLU.
+  Submodules: `stage{s}_conv`, `stage{s}_bn`, `fc`, `fc_bn`.
+
+  Why a dense representation instead of global average pooling: for small
+  centred images (Fashion-MNIST) the class is largely in the spatial layout
+  that a global pool discards. Measured with the quickstart's SimCLR recipe
+  (docs/results.md), the pooled 128-d features of the same trunk reach a
+  linear probe only ~1.5 points above their random-init baseline after a
+  CPU-sized budget, while the learned 256-d dense features gain 2.2-2.7
+  points. The dense layer fixes the input size: features are defined for
+  the `image_size` the encoder was built (and exported) with.
 
   Attributes:
-    widths: channels of each stage before the width multiplier.
-    convs_per_stage: 3x3 conv-BN-ReLU layers in each stage.
-    width_multiplier: scales every channel count.
+    widths: channels of each conv stage before the width multiplier.
+    feature_width: output features before the width multiplier.
+    width_multiplier: scales every channel count and the feature width.
     dtype: compute dtype (params stay float32; output is float32).
     bn_momentum: BatchNorm running-average decay.
     bn_epsilon: BatchNorm epsilon.
     bn_groups: BatchNorm statistics groups (see `layers.BatchNorm`).
   """
   widths: tuple[int, ...] = (32, 64, 128)
-  convs_per_stage: int = 2
+  feature_width: int = 256
   width_multiplier: int = 1
   dtype: Any = jnp.float32
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   bn_groups: int = 1
+  conv_impl: str = 'auto'
 
   @property
   def feature_dim(self) -> int:
-    """Channels of the pooled output: the last stage's width."""
-    return self.widths[-1] * self.width_multiplier
+    """Width of the dense representation."""
+    return self.feature_width * self.width_multiplier
 
   @property
   def min_image_size(self) -> int:
@@ -55,7 +65,7 @@ class SmallCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    """Encodes images into pooled features.
+    """Encodes images into features.
 
     Args:
       x: `[batch, height, width, channels]` float images, the global batch.
@@ -67,17 +77,18 @@ class SmallCNN(nn.Module):
     norm = functools.partial(
         layers.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
         num_groups=self.bn_groups, dtype=self.dtype)
-    widths = [w * self.width_multiplier for w in self.widths]
-    x = layers.conv(widths[0], 3, 1, name='stem_conv', dtype=self.dtype)(x)
-    x = nn.relu(norm(name='stem_bn')(x, train))
-    for stage, width in enumerate(widths):
+    for stage, width in enumerate(self.widths):
       if stage > 0:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
-      for index in range(self.convs_per_stage):
-        x = layers.conv(width, 3, 1, name=f'stage{stage + 1}_conv{index}',
-                        dtype=self.dtype)(x)
-        x = nn.relu(norm(name=f'stage{stage + 1}_bn{index}')(x, train))
-    return x.astype(jnp.float32).mean(axis=(1, 2))
+        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+      x = layers.conv(width * self.width_multiplier, 3, 1,
+                      name=f'stage{stage + 1}_conv', dtype=self.dtype,
+                      impl=self.conv_impl)(x)
+      x = nn.relu(norm(name=f'stage{stage + 1}_bn')(x, train))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.Dense(self.feature_dim, use_bias=False, dtype=self.dtype,
+                 param_dtype=jnp.float32, name='fc')(x)
+    x = nn.relu(norm(name='fc_bn')(x, train))
+    return x.astype(jnp.float32)
 
 
 class TinyCNN(nn.Module):
@@ -97,6 +108,7 @@ class TinyCNN(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   bn_groups: int = 1
+  conv_impl: str = 'auto'
 
   @property
   def feature_dim(self) -> int:
@@ -123,9 +135,11 @@ class TinyCNN(nn.Module):
         layers.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
         num_groups=self.bn_groups, dtype=self.dtype)
     w = self.width_multiplier
-    x = layers.conv(8 * w, 3, 1, name='conv1', dtype=self.dtype)(x)
+    x = layers.conv(8 * w, 3, 1, name='conv1', dtype=self.dtype,
+                    impl=self.conv_impl)(x)
     x = nn.relu(norm(name='bn1')(x, train))
-    x = layers.conv(16 * w, 3, 2, name='conv2', dtype=self.dtype)(x)
+    x = layers.conv(16 * w, 3, 2, name='conv2', dtype=self.dtype,
+                    impl=self.conv_impl)(x)
     x = nn.relu(norm(name='bn2')(x, train))
     return x.astype(jnp.float32).mean(axis=(1, 2))
 
@@ -136,7 +150,8 @@ def _common_kwargs(model_config: ml_collections.ConfigDict,
       width_multiplier=model_config.width_multiplier,
       dtype=layers.dtype_from_name(model_config.dtype),
       bn_momentum=model_config.bn_momentum,
-      bn_epsilon=model_config.bn_epsilon, bn_groups=bn_groups)
+      bn_epsilon=model_config.bn_epsilon, bn_groups=bn_groups,
+      conv_impl=model_config.conv_impl)
 
 
 def build_small_cnn(model_config: ml_collections.ConfigDict, *,

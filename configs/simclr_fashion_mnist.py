@@ -1,0 +1,60 @@
+"""The CPU quickstart: SimCLR on offline Fashion-MNIST, then linear eval.
+
+python -m jaxssl.main --config=configs/simclr_fashion_mnist.py --workdir=workdirs/quickstart
+Expected: about 88% linear-probe top-1 on the 10,000 test images, about 2.5
+points above the same encoder at random init (about 85.5%), in under 10
+minutes on a 2-core CPU (docs/results.md has the measured runs).
+
+Run by `bash launch/local.sh quickstart`, which installs the data and the
+environment first. Differences from the ImageNet recipe, each measured on
+Fashion-MNIST within this CPU budget (docs/results.md):
+- `small_cnn` (three conv stages and a learned 256-d dense representation)
+  instead of a ResNet: 28 px grayscale images and about 7 minutes of CPU;
+- AdamW (lr 1e-3 at batch 256) instead of LARS: over 2-3 epochs it reaches
+  a better probe than LARS at any learning rate we tried;
+- temperature 0.2 (0.5 in the CIFAR recipe), colour strength 0.5, no blur
+  (images <= 32 px, as SimCLR's CIFAR recipe), 2-layer projection head.
+"""
+
+from jaxssl import config_schema
+
+
+def get_config():
+  c = config_schema.defaults('simclr')
+  c.global_batch_size = 256
+  c.num_epochs = 2.5
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 200
+  c.eval_after_training = True
+
+  c.dataset.name = 'fashion_mnist'
+  c.dataset.train_split = 'train'
+  c.dataset.eval_train_split = 'train'
+  c.dataset.eval_test_split = 'test'
+  c.dataset.image_size = 28
+  c.dataset.shuffle_buffer = 60_000  # the whole split: a full shuffle
+  c.dataset.cache = True
+
+  c.augment.color_strength = 0.5
+  c.augment.blur_prob = 0.0
+
+  c.model.encoder = 'small_cnn'
+
+  c.head.num_layers = 2
+  c.head.hidden_dim = 0  # = 256, the encoder's feature dimension
+  c.head.output_dim = 128
+
+  c.optim.name = 'adamw'
+  c.optim.base_learning_rate = 1e-3
+  c.optim.lr_scaling = 'linear'
+  c.optim.weight_decay = 1e-6
+  c.optim.warmup_epochs = 0.25
+
+  c.simclr.temperature = 0.2
+
+  c.linear_eval.num_epochs = 100
+  c.linear_eval.batch_size = 512
+  c.linear_eval.base_learning_rate = 0.05  # x 512/256 = 0.1
+  c.linear_eval.weight_decay = 0.0
+  c.linear_eval.feature_batch_size = 1024
+  return c
