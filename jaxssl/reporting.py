@@ -69,6 +69,7 @@ class Reporter:
     steps = step - self._last_step
     seconds = max(now - self._last_time, 1e-9)
     metrics['steps_per_sec'] = steps / seconds
+    metrics['seconds_per_step'] = seconds / max(steps, 1)
     metrics['images_per_sec'] = steps * self._batch / seconds
     self._last_step, self._last_time = step, now
     self._writer.write_scalars(step, metrics)

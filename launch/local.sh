@@ -41,8 +41,13 @@ ensure_venv() {
   want="$(sha256sum setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)"
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "Installing jaxssl and its dependencies into $VENV (a few minutes)..."
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -e '.[test]'
+    local log="$VENV/jaxssl-install.log"
+    if ! { "$VENV/bin/python" -m pip install --upgrade pip &&
+           "$VENV/bin/python" -m pip install -e '.[test]'; } >"$log" 2>&1; then
+      tail -n 40 "$log" >&2
+      echo "error: installing jaxssl failed; the full log is $log" >&2
+      exit 1
+    fi
     echo "$want" > "$stamp"
   fi
 }

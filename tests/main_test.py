@@ -62,3 +62,15 @@ def test_preview_writes_a_png(tmp_path, fashion_mnist_dir):
                    data_dir=fashion_mnist_dir)
   assert result.returncode == 0, result.stderr
   assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.parametrize('script', ['jaxssl-pretrain', 'jaxssl-eval',
+                                    'jaxssl-export'])
+def test_console_scripts_are_installed(script):
+  path = os.path.join(os.path.dirname(sys.executable), script)
+  assert os.path.exists(path), f'{script} missing: pip install -e .'
+  result = subprocess.run([path, '--helpfull'], capture_output=True,
+                          text=True, timeout=120)
+  # absl prints the flags of jaxssl.main and exits (with status 1).
+  assert '--workdir: Run directory' in result.stdout + result.stderr
+  assert 'Traceback' not in result.stderr

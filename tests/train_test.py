@@ -59,6 +59,13 @@ def test_eight_devices_equal_one_device(tiny, mesh1, mesh8):
   assert np.all(np.isfinite(losses1))
 
 
+def test_bfloat16_compute_keeps_float32_params_and_finite_loss(tiny, mesh8):
+  config = tiny(**{'model.dtype': 'bfloat16'})
+  losses, params = _losses(config, mesh8, 2)
+  assert np.all(np.isfinite(losses))
+  assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {np.float32}
+
+
 def _restore_params(config, workdir, step):
   s = train.setup(config)
   abstract = checkpoint.abstract_with_sharding(
