@@ -12,6 +12,7 @@ is complete, so an interrupted save never replaces the last good checkpoint;
 into the shardings of an abstract target. Nothing is pickled.
 """
 
+import os
 from typing import Any
 
 import jax
@@ -21,6 +22,12 @@ from etils import epath
 PyTree = Any
 _CHECKPOINTS = 'checkpoints'
 EXPORT_SUBDIR = 'export'
+
+
+def absolute(path: str) -> epath.Path:
+  """`path` made absolute (orbax needs absolute local paths); URLs unchanged."""
+  path = str(path)
+  return epath.Path(path if '://' in path else os.path.abspath(path))
 
 
 def abstract_with_sharding(tree: PyTree, sharding: jax.sharding.Sharding
@@ -41,7 +48,7 @@ class Checkpointer:
       workdir: the run's directory (local path or gs://).
       keep: how many recent checkpoints to keep.
     """
-    self.directory = epath.Path(workdir) / _CHECKPOINTS
+    self.directory = absolute(workdir) / _CHECKPOINTS
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
@@ -90,7 +97,7 @@ def read_training_meta(workdir: str, step: int | None = None
   Raises:
     FileNotFoundError: if the workdir has no complete checkpoint.
   """
-  directory = epath.Path(workdir) / _CHECKPOINTS
+  directory = absolute(workdir) / _CHECKPOINTS
   if not directory.exists():
     raise FileNotFoundError(f'no checkpoints under {directory}')
   manager = _read_only_manager(directory, ('state', 'meta'))
@@ -118,7 +125,7 @@ def restore_encoder_from_training(workdir: str, step: int,
   item = {'params': {'encoder': abstract_variables['params']}}
   if abstract_variables.get('batch_stats'):
     item['batch_stats'] = {'encoder': abstract_variables['batch_stats']}
-  manager = _read_only_manager(epath.Path(workdir) / _CHECKPOINTS,
+  manager = _read_only_manager(absolute(workdir) / _CHECKPOINTS,
                                ('state', 'meta'))
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeRestore(
@@ -140,14 +147,14 @@ def export_encoder(directory: str, variables: PyTree,
       provenance (method, dataset, step).
   """
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    checkpointer.save(epath.Path(directory), args=ocp.args.Composite(
+    checkpointer.save(absolute(directory), args=ocp.args.Composite(
         variables=ocp.args.StandardSave(variables),
         spec=ocp.args.JsonSave(spec)), force=True)
 
 
 def read_export_spec(directory: str) -> dict[str, Any]:
   """Returns the spec JSON of an exported encoder."""
-  path = epath.Path(directory)
+  path = absolute(directory)
   if not (path / 'spec').exists():
     raise FileNotFoundError(
         f'{path} is not an exported encoder (no spec); create one with '
@@ -161,5 +168,5 @@ def load_exported_variables(directory: str, abstract_variables: PyTree
                             ) -> PyTree:
   """Restores exported encoder variables into `abstract_variables`."""
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    return checkpointer.restore(epath.Path(directory), args=ocp.args.Composite(
+    return checkpointer.restore(absolute(directory), args=ocp.args.Composite(
         variables=ocp.args.StandardRestore(abstract_variables))).variables

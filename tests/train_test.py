@@ -159,6 +159,14 @@ def test_run_exports_and_evaluates(tiny, tmp_path, capsys):
   assert again['encoder'] == enc
 
 
+def test_relative_workdir(tiny, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  train.run(tiny(eval_after_training=False), 'runs/relative')
+  assert (tmp_path / 'runs/relative/checkpoints/8').is_dir()
+  spec, _, _ = evaluate.load_encoder('runs/relative', parallel.make_mesh())
+  assert spec['step'] == 8
+
+
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tiny, tmp_path):
   workdir = str(tmp_path / 'nan')
   config = tiny(eval_after_training=False)
