@@ -1,6 +1,6 @@
 """See what the model sees: a PNG grid of augmented view pairs.
 
-python -m jaxssl.preview --config=configs/tiny.py --out=views.png
+python -m jaxssl.preview --config=configs/simclr_tiny.py --out=views.png
 
 Each row is one image of `dataset.train_split` (in tfds's fixed order): the
 evaluation centre crop first, then each view of `config.augment`. Small
@@ -98,7 +98,7 @@ def main(argv=None) -> None:
   # Flags are defined here, not at import, so that jaxssl.main can import
   # this module next to its own --config flag.
   config = config_flags.DEFINE_config_file(
-      'config', None, 'Run config file, e.g. configs/tiny.py.',
+      'config', None, 'Run config file, e.g. configs/simclr_tiny.py.',
       lock_config=True)
   out = flags.DEFINE_string('out', 'views.png', 'PNG file to write.')
   num_images = flags.DEFINE_integer('num_images', 8, 'Rows of the grid.')

@@ -40,7 +40,7 @@ def test_config_docstring_starts_with_command_and_expectation(name):
 
 
 def test_configs_are_locked():
-  config = load_config('tiny')
+  config = load_config('simclr_tiny')
   with pytest.raises(AttributeError):
     config.not_a_key = 1
 
@@ -66,5 +66,5 @@ def test_configs_are_locked():
 ])
 def test_bad_values_give_one_line_errors(overrides, match):
   with pytest.raises(ValueError, match=match) as info:
-    config_schema.validate(load_config('tiny', **overrides))
+    config_schema.validate(load_config('simclr_tiny', **overrides))
   assert '\n' not in str(info.value)

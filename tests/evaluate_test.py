@@ -22,7 +22,7 @@ def test_linear_classifier_separates_separable_data():
   centers = rng.normal(size=(4, 8)) * 4
   labels = rng.randint(0, 4, size=2000)
   x = (centers[labels] + rng.normal(size=(2000, 8))).astype(np.float32)
-  le = load_config('tiny').linear_eval
+  le = load_config('simclr_tiny').linear_eval
   params = evaluate.train_linear_classifier(x[:1500], labels[:1500], 4, le,
                                             seed=0)
   logits = x[1500:] @ np.asarray(params['kernel']) + np.asarray(
@@ -34,14 +34,14 @@ def test_classifier_fit_is_deterministic():
   rng = np.random.RandomState(1)
   x = rng.normal(size=(300, 5)).astype(np.float32)
   y = rng.randint(0, 3, size=300)
-  le = load_config('tiny').linear_eval
+  le = load_config('simclr_tiny').linear_eval
   a = evaluate.train_linear_classifier(x, y, 3, le, seed=7)
   b = evaluate.train_linear_classifier(x, y, 3, le, seed=7)
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
 def test_export_round_trip_and_spec(tmp_path, mesh8):
-  config = load_config('tiny')
+  config = load_config('simclr_tiny')
   spec = evaluate.encoder_spec(config, num_channels=1, step=12)
   encoder, abstract = evaluate.build_encoder(spec)
   variables = evaluate.random_encoder_variables(encoder, spec, 3, mesh8)
@@ -62,7 +62,7 @@ def test_missing_export_gives_a_clear_error(tmp_path):
 
 
 def test_feature_batch_must_divide_devices(mesh8):
-  config = load_config('tiny', **{'linear_eval.feature_batch_size': 100})
+  config = load_config('simclr_tiny', **{'linear_eval.feature_batch_size': 100})
   with pytest.raises(ValueError, match='feature_batch_size=100 must be '
                      'divisible by the device count 8'):
     evaluate.check_eval_config(config, mesh8)

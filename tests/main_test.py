@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _jaxssl(*args, data_dir):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
   return subprocess.run(
-      [sys.executable, '-m', 'jaxssl.main', '--config=configs/tiny.py',
+      [sys.executable, '-m', 'jaxssl.main', '--config=configs/simclr_tiny.py',
        f'--config.dataset.data_dir={data_dir}', *args],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
@@ -39,7 +39,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, fashion_mnist_dir,
 
 def test_export_and_eval_modes(tmp_path, fashion_mnist_dir):
   workdir = str(tmp_path / 'run')
-  train.run(load_config('tiny', eval_after_training=False,
+  train.run(load_config('simclr_tiny', eval_after_training=False,
                         **{'dataset.data_dir': fashion_mnist_dir}), workdir)
   (epath.Path(workdir) / 'export').rmtree()
   result = _jaxssl('--mode=export', f'--workdir={workdir}',

@@ -36,7 +36,7 @@ def _reference_official_loss(z1, z2, temperature):
 
 
 def _method(mesh, **overrides):
-  config = load_config('tiny', **overrides)
+  config = load_config('simclr_tiny', **overrides)
   return config, methods.get_method_class('simclr')(config, mesh=mesh,
                                                     num_channels=1)
 
@@ -118,7 +118,7 @@ def test_eight_devices_give_the_same_loss_and_gradients(mesh1, mesh8):
 def test_validate_config(overrides, match):
   with pytest.raises(ValueError, match=match):
     methods.get_method_class('simclr').validate_config(
-        load_config('tiny', **overrides))
+        load_config('simclr_tiny', **overrides))
 
 
 def test_embedding_std_detects_collapse():

@@ -31,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope='module')
 def tiny(fashion_mnist_dir):
   def make(**overrides):
-    return load_config('tiny', **{'dataset.data_dir': fashion_mnist_dir,
+    return load_config('simclr_tiny', **{'dataset.data_dir': fashion_mnist_dir,
                                   **overrides})
   return make
 
@@ -109,8 +109,9 @@ def test_killed_process_resumes_to_the_same_result(tiny, tmp_path,
   straight = str(tmp_path / 'straight')
   train.run(config, straight)
   workdir = str(tmp_path / 'killed')
-  cmd = [sys.executable, '-m', 'jaxssl.main', '--config=configs/tiny.py',
-         f'--workdir={workdir}', f'--config.dataset.data_dir={fashion_mnist_dir}',
+  cmd = [sys.executable, '-m', 'jaxssl.main',
+         '--config=configs/simclr_tiny.py', f'--workdir={workdir}',
+         f'--config.dataset.data_dir={fashion_mnist_dir}',
          '--config.eval_after_training=False',
          '--config.num_train_steps=24', '--config.checkpoint_every_steps=4',
          '--config.log_every_steps=1']

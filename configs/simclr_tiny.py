@@ -1,6 +1,6 @@
 """A tiny SimCLR run for tests and smoke checks: seconds on a 2-core CPU.
 
-python -m jaxssl.main --config=configs/tiny.py --workdir=/tmp/jaxssl_tiny
+python -m jaxssl.main --config=configs/simclr_tiny.py --workdir=/tmp/jaxssl_tiny
 Expected: finishes in about a minute; the numbers mean nothing (8 steps of a
 2-layer CNN on 2,048 Fashion-MNIST images), only that every stage runs.
 """
