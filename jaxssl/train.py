@@ -61,7 +61,8 @@ def setup(config: ml_collections.ConfigDict,
       config, info.num_train_examples)
   total_steps = total_train_steps(config, steps_per_epoch)
   method = methods.get_method_class(config.method)(
-      config, mesh=mesh, num_channels=info.image_shape[-1])
+      config, mesh=mesh, num_channels=info.image_shape[-1],
+      steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   schedule = optim.make_schedule(
       config.optim, global_batch_size=config.global_batch_size,
       steps_per_epoch=steps_per_epoch, total_steps=total_steps)

@@ -37,8 +37,8 @@ def _reference_official_loss(z1, z2, temperature):
 
 def _method(mesh, **overrides):
   config = load_config('simclr_tiny', **overrides)
-  return config, methods.get_method_class('simclr')(config, mesh=mesh,
-                                                    num_channels=1)
+  return config, methods.get_method_class('simclr')(
+      config, mesh=mesh, num_channels=1, steps_per_epoch=64, total_steps=8)
 
 
 def _batch(n, size, seed=0):

@@ -30,7 +30,7 @@ class Method(abc.ABC):
   name: str = ''
 
   def __init__(self, config: ml_collections.ConfigDict, *, mesh: Mesh,
-               num_channels: int):
+               num_channels: int, steps_per_epoch: int, total_steps: int):
     """Builds the method's networks.
 
     Args:
@@ -38,11 +38,16 @@ class Method(abc.ABC):
       mesh: the training mesh; loss islands run `jax.shard_map` over its
         `'data'` axis.
       num_channels: channels of the input images (1 or 3).
+      steps_per_epoch: optimizer steps per epoch of the train split (for
+        schedules stated in epochs: EMA momentum, queue start, freezing).
+      total_steps: optimizer steps of the whole run.
     """
     self.config = config
     self.mesh = mesh
     self.num_channels = num_channels
     self.image_size = config.dataset.image_size
+    self.steps_per_epoch = steps_per_epoch
+    self.total_steps = total_steps
 
   @classmethod
   @abc.abstractmethod

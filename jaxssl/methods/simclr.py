@@ -83,8 +83,8 @@ class SimCLR(base.Method):
       raise ValueError(f'augment.num_views={config.augment.num_views}; SimCLR'
                        ' uses exactly 2 views')
 
-  def __init__(self, config, *, mesh, num_channels):
-    super().__init__(config, mesh=mesh, num_channels=num_channels)
+  def __init__(self, config, **kwargs):
+    super().__init__(config, **kwargs)
     self._encoder = models.make_encoder(config.model,
                                         image_size=self.image_size)
     hidden = config.head.hidden_dim or models.feature_dim(config.model)
