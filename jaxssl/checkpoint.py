@@ -84,10 +84,10 @@ class Checkpointer:
     self._manager.close()
 
 
-def _read_only_manager(directory: epath.Path, item_names):
+def _reader(directory: epath.Path, **kwargs) -> ocp.CheckpointManager:
+  # Not `read_only=True`: orbax logs three warnings per read-only manager.
   return ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True),
-      item_names=item_names)
+      directory, options=ocp.CheckpointManagerOptions(create=False), **kwargs)
 
 
 def read_training_meta(workdir: str, step: int | None = None
@@ -100,13 +100,41 @@ def read_training_meta(workdir: str, step: int | None = None
   directory = absolute(workdir) / _CHECKPOINTS
   if not directory.exists():
     raise FileNotFoundError(f'no checkpoints under {directory}')
-  manager = _read_only_manager(directory, ('state', 'meta'))
+  manager = _reader(directory, item_names=('state', 'meta'))
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no complete checkpoint under {directory}')
   meta = manager.restore(step, args=ocp.args.Composite(
       meta=ocp.args.JsonRestore())).meta
   return step, meta
+
+
+def _path_names(path) -> tuple[str, ...]:
+  """Key path as plain names: `.params['encoder']` and `['params']['encoder']`
+  (a dataclass field in memory, a dict key on disk) both give
+  `('params', 'encoder')`."""
+  names = []
+  for entry in path:
+    for attr in ('name', 'key', 'idx'):
+      if hasattr(entry, attr):
+        names.append(str(getattr(entry, attr)))
+        break
+  return tuple(names)
+
+
+def shapes_by_path(tree: PyTree) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """`{('params', 'encoder', ...): shape}` for every array leaf of `tree`."""
+  return {_path_names(path): tuple(leaf.shape) for path, leaf in
+          jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def saved_state_shapes(workdir: str, step: int
+                       ) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Shapes of every array in the saved TrainState of `step` (metadata only)."""
+  manager = _reader(absolute(workdir) / _CHECKPOINTS,
+                    item_handlers={'state': ocp.StandardCheckpointHandler(),
+                                   'meta': ocp.JsonCheckpointHandler()})
+  return shapes_by_path(manager.item_metadata(step)['state'])
 
 
 def restore_encoder_from_training(workdir: str, step: int,
@@ -125,8 +153,8 @@ def restore_encoder_from_training(workdir: str, step: int,
   item = {'params': {'encoder': abstract_variables['params']}}
   if abstract_variables.get('batch_stats'):
     item['batch_stats'] = {'encoder': abstract_variables['batch_stats']}
-  manager = _read_only_manager(absolute(workdir) / _CHECKPOINTS,
-                               ('state', 'meta'))
+  manager = _reader(absolute(workdir) / _CHECKPOINTS,
+                    item_names=('state', 'meta'))
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeRestore(
           item=item,

@@ -24,10 +24,6 @@ from jaxssl import parallel
 from jaxssl import reporting
 from jaxssl import steps
 
-# Keys whose change makes an existing checkpoint unusable for this run.
-_ARCHITECTURE_KEYS = ('method', 'model', 'head')
-
-
 @dataclasses.dataclass
 class Setup:
   """What `run`, `export` and the tests need to drive a run."""
@@ -77,15 +73,23 @@ def setup(config: ml_collections.ConfigDict,
                init_fn, train_step)
 
 
-def _check_resumable(saved: dict[str, Any],
-                     config: ml_collections.ConfigDict, directory) -> None:
-  current = config.to_dict()
-  for key in _ARCHITECTURE_KEYS:
-    if _jsonable(saved.get(key)) != _jsonable(current.get(key)):
+def _check_resumable(saved: dict, current: dict, directory) -> None:
+  """Raises ValueError unless the checkpoint's arrays fit this config's state.
+
+  The comparison is of every array's path and shape, so it accepts changes
+  that keep the state (dtype, learning rate, number of steps) and refuses
+  ones that do not (another encoder, head width or optimizer) before any
+  restore is attempted; the checkpoint is not touched.
+  """
+  for path in sorted(set(saved) | set(current)):
+    if saved.get(path) != current.get(path):
+      name = '/'.join(path)
+      there = saved.get(path, 'no such array')
+      here = current.get(path, 'no such array')
       raise ValueError(
-          f'{directory} holds a checkpoint with {key}={saved.get(key)!r}, '
-          f'but this config has {key}={current.get(key)!r}; use a new '
-          '--workdir or the original config (the checkpoint is left as is)')
+          f'{directory} holds a checkpoint that does not fit this config: '
+          f'{name} is {there} there and {here} here; use a new --workdir or '
+          'the config it was trained with (the checkpoint is left as is)')
 
 
 def _jsonable(value):
@@ -102,10 +106,11 @@ def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer):
   start = ckpt.latest_step()
   if start is None:
     return s.init_fn(), 0
-  _, meta = checkpoint.read_training_meta(str(ckpt.directory.parent), start)
-  _check_resumable(meta['config'], s.config, ckpt.directory)
   abstract = checkpoint.abstract_with_sharding(
       jax.eval_shape(s.init_fn), parallel.replicated(s.mesh))
+  _check_resumable(
+      checkpoint.saved_state_shapes(str(ckpt.directory.parent), start),
+      checkpoint.shapes_by_path(abstract), ckpt.directory)
   return ckpt.restore(start, abstract), start
 
 

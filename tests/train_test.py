@@ -196,7 +196,13 @@ def test_bad_input_fails_before_compiling(tiny, overrides, match):
 def test_changed_architecture_does_not_touch_the_checkpoint(tiny, tmp_path):
   workdir = str(tmp_path / 'arch')
   train.run(tiny(eval_after_training=False), workdir)
-  with pytest.raises(ValueError, match='holds a checkpoint with head='):
+  with pytest.raises(ValueError, match='does not fit this config: '
+                     r'batch_stats/head/bn_1/mean is \(16,\) there and '
+                     r'\(8,\) here'):
     train.run(tiny(eval_after_training=False,
                    **{'head.output_dim': 8}), workdir)
   assert checkpoint.Checkpointer(workdir, keep=2).latest_step() == 8
+  # A change that keeps every array's shape resumes (here: nothing to do).
+  result = train.run(tiny(eval_after_training=False,
+                          **{'model.dtype': 'bfloat16'}), workdir)
+  assert result['step'] == 8
