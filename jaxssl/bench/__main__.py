@@ -2,6 +2,8 @@
 
   python -m jaxssl.bench losses --budget-gib 4
   python -m jaxssl.bench losses --json --views 8192
+  python -m jaxssl.bench peak
+  python -m jaxssl.bench step --config configs/simclr_cifar10.py --batch 64
 
 See `jaxssl/bench/__init__.py` for the subcommand contract.
 """
@@ -11,9 +13,13 @@ import json
 import sys
 
 from jaxssl.bench import losses
+from jaxssl.bench import peak
+from jaxssl.bench import step
 
 SUBCOMMANDS = {
     'losses': losses,
+    'peak': peak,
+    'step': step,
 }
 
 
@@ -42,7 +48,8 @@ def main(argv=None) -> int:
     print(json.dumps(report, indent=2))
   else:
     print(module.format_report(report))
-  return 0
+  # A report with ok=False (an error, a recompiling step) fails the command.
+  return 0 if report.get('ok', True) else 1
 
 
 if __name__ == '__main__':
