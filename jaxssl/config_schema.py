@@ -47,17 +47,27 @@ def defaults(method: str = 'simclr') -> ml_collections.ConfigDict:
   c.dataset.num_shards = 0  # contiguous parts of the split; 0 = processes
 
   c.augment = ml_collections.ConfigDict()
-  c.augment.recipe = 'simclr'
-  c.augment.num_views = 2
+  # SimCLR's recipe; augment.recipe_defaults(name) gives the other recipes'
+  # official values (docs/data.md has the table).
+  c.augment.recipe = 'simclr'  # simclr | byol | moco_v2 | moco_v3 | swav
+  c.augment.num_views = 2  # global crops per image
+  c.augment.crop_sampler = 'tf'  # 'tf' | 'byol' | 'torchvision'
   c.augment.crop_area = (0.08, 1.0)
   c.augment.crop_aspect = (3 / 4, 4 / 3)
+  c.augment.resize_method = 'bicubic'  # 'bicubic' | 'bilinear'
   c.augment.flip = True
-  c.augment.color_strength = 1.0  # SimCLR's s
+  c.augment.color_strength = 1.0  # SimCLR's s, used when color_jitter = ()
+  c.augment.color_jitter = ()  # (b, c, s, h); () = (.8s, .8s, .8s, .2s)
   c.augment.color_prob = 0.8
   c.augment.grayscale_prob = 0.2
-  c.augment.blur_prob = 0.5  # 0 disables (CIFAR recipe)
-  c.augment.blur_sigma = (0.1, 2.0)
   c.augment.brightness = 'multiplicative'  # SimCLR v2; 'additive' = v1
+  c.augment.blur_prob = 0.5  # 0 disables (CIFAR recipe)
+  c.augment.view_blur_probs = ()  # per view; () = blur_prob for every view
+  c.augment.blur_sigma = (0.1, 2.0)
+  c.augment.view_solarize_probs = ()  # per view; () = never
+  c.augment.num_small_views = 0  # multi-crop small crops per image (SwAV)
+  c.augment.small_image_size = 96
+  c.augment.small_crop_area = (0.05, 0.14)
 
   c.model = ml_collections.ConfigDict()
   c.model.encoder = 'resnet50'
@@ -68,6 +78,9 @@ def defaults(method: str = 'simclr') -> ml_collections.ConfigDict:
   c.model.bn_epsilon = 1e-5
   c.model.zero_init_residual = True
   c.model.conv_impl = 'auto'  # matmul-based convs on CPU (models/fastconv)
+  # mean/std normalisation as the encoder's first op: 'none' (SimCLR feeds
+  # [0, 1] pixels) | 'imagenet' (BYOL, MoCo) | 'swav' (std 0.228)
+  c.model.input_normalization = 'none'
 
   c.head = ml_collections.ConfigDict()
   c.head.num_layers = 3  # SimCLR v2 projection head

@@ -17,7 +17,8 @@ Order of the pretraining data (B = global_batch_size, S = dataset.num_shards,
   concatenates them in shard order, so the global batch is the same for
   every P that divides S;
 - view v of the example at (shard i, epoch e, position j) is augmented with
-  the stateless seed fold_in(seed, i, e, j, v).
+  the stateless seed fold_in(seed, i, e, 2, j, v); the global crops are
+  v = 0 .. V - 1 and the multi-crop small crops v = V .. V + V_small - 1.
 Images are decoded after the skip to the resume point, so resuming costs
 reading, not decoding, the skipped records.
 """
@@ -209,6 +210,31 @@ def _shard_seed(seed: int, shard) -> tf.Tensor:
   return tf.stack([tf.constant(seed, tf.int64), tf.cast(shard, tf.int64)])
 
 
+def _view_functions(plan: _Plan) -> Callable[..., tf.Tensor]:
+  """`view(image, seed, v)`, traced once per distinct `augment.view_spec`.
+
+  The augmentations use tf.cond and tf.switch_case themselves; autograph's
+  conversion would only slow the trace down. Views with the same spec (all
+  of SimCLR's; SwAV's global and small groups) share one trace.
+  """
+  cfg = plan.config
+  traced = {}
+
+  def view(image, seed, v):
+    spec = augment.view_spec(cfg.augment, v)
+    if spec not in traced:
+      out_size = (cfg.augment.small_image_size if spec.small
+                  else cfg.dataset.image_size)
+      traced[spec] = tf.function(
+          lambda image, seed, v=v, out_size=out_size: plan.view_fn(
+              image, seed, view_index=v, out_size=out_size,
+              config_augment=cfg.augment),
+          autograph=False)
+    return traced[spec](image, seed)
+
+  return view
+
+
 def _train_dataset(plan: _Plan, start_step: int) -> tf.data.Dataset:
   """The process's batches: its shards side by side, then the views."""
   cfg = plan.config
@@ -217,23 +243,21 @@ def _train_dataset(plan: _Plan, start_step: int) -> tf.data.Dataset:
   ds = tf.data.Dataset.zip(tuple(streams)).map(_plain(
       lambda *parts: tuple(tf.concat(column, 0) for column in zip(*parts))))
   image_feature = plan.builder.info.features[plan.image_key]
-  # Traced once and called per view. The augmentations use tf.cond and
-  # tf.switch_case themselves; autograph's conversion would only slow the
-  # trace down.
-  view = tf.function(
-      lambda image, seed: plan.view_fn(image, seed,
-                                       out_size=cfg.dataset.image_size,
-                                       config_augment=cfg.augment),
-      autograph=False)
+  view = _view_functions(plan)
+  num_global = cfg.augment.num_views
+  num_total = num_global + cfg.augment.num_small_views
 
   @_plain
   def make_views(shard, epoch, position, image, label):
     if plan.cached is None:
       image = image_feature.decode_example(image)
     example_seed = _fold(_shard_seed(cfg.seed, shard), epoch, 2, position)
-    views = [view(image, _fold(example_seed, v))
-             for v in range(cfg.augment.num_views)]
-    return {'views': tf.stack(views), 'label': tf.cast(label, tf.int32)}
+    views = [view(image, _fold(example_seed, v), v) for v in range(num_total)]
+    out = {'views': tf.stack(views[:num_global]),
+           'label': tf.cast(label, tf.int32)}
+    if num_total > num_global:
+      out['small_views'] = tf.stack(views[num_global:])
+    return out
 
   ds = ds.unbatch().map(make_views, num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=True)
@@ -275,9 +299,12 @@ def pretrain_batches(config: ml_collections.ConfigDict, *, start_step: int = 0,
     process_count: number of processes reading the data.
 
   Returns:
-    An iterator of `{'views': (float32 [n_local, V, H, W, C],), 'label':
-    int32 [n_local]}` with n_local = global_batch_size // process_count,
-    H = W = dataset.image_size and pixels in [0, 1]; per-process (local).
+    An iterator of `{'views': views, 'label': int32 [n_local]}`, per-process
+    (local), n_local = global_batch_size // process_count. `views` is
+    `(float32 [n_local, V, S, S, C],)` with V = augment.num_views and
+    S = dataset.image_size, plus, when augment.num_small_views > 0, a second
+    entry `float32 [n_local, V_small, s, s, C]` (the multi-crop small crops,
+    s = augment.small_image_size). Pixels are in [0, 1] for every recipe.
 
   References:
     google-research/simclr `data.build_input_fn` (two views per image);
@@ -291,7 +318,10 @@ def pretrain_batches(config: ml_collections.ConfigDict, *, start_step: int = 0,
 
   def generate():
     for batch in _iterate(ds, plan.builder, config.dataset.train_split):
-      yield {'views': (batch['views'],), 'label': batch['label']}
+      views = (batch['views'],)
+      if 'small_views' in batch:
+        views += (batch['small_views'],)
+      yield {'views': views, 'label': batch['label']}
 
   return generate()
 

@@ -1,11 +1,13 @@
-"""See what the model sees: a PNG grid of augmented view pairs.
+"""See what the model sees: a PNG grid of every augmented view.
 
 python -m jaxssl.preview --config=configs/simclr_tiny.py --out=views.png
 
 Each row is one image of `dataset.train_split` (in tfds's fixed order): the
-evaluation centre crop first, then each view of `config.augment`. Small
-images are enlarged with nearest-neighbour sampling so that every cell is
-at least 96 px wide.
+evaluation centre crop first, then each global view of `config.augment`,
+then each multi-crop small view (`augment.num_small_views`), enlarged to
+`dataset.image_size` with nearest-neighbour sampling so its pixels show.
+Small images are enlarged with nearest-neighbour sampling so that every
+cell is at least 96 px wide.
 """
 
 import math
@@ -56,8 +58,9 @@ def write_view_grid(config: ml_collections.ConfigDict, path: str, *,
     config: the run config (dataset.*, augment.*).
     path: where to write the PNG (local or any tf.io.gfile path).
     num_images: rows of the grid, from the start of `dataset.train_split`.
-    seed: the views of image i use the stateless seeds
-      fold_in((seed, i), v) for v < augment.num_views.
+    seed: the views of image i use the stateless seeds fold_in((seed, i), v)
+      for v < augment.num_views + augment.num_small_views (small views
+      last, as in the input pipeline).
 
   Returns:
     `path`.
@@ -74,14 +77,20 @@ def write_view_grid(config: ml_collections.ConfigDict, path: str, *,
                           read_config=tfds.ReadConfig(try_autocache=False))
   ds = ds.take(num_images)
   rows = []
+  c = config.augment
   for i, example in enumerate(ds):
     image = example[image_key]
     row = [augment.center_crop(image, out_size=size)]
-    for v in range(config.augment.num_views):
+    for v in range(c.num_views + c.num_small_views):
       view_seed = tf.random.experimental.stateless_fold_in(
           tf.constant([seed, i], tf.int64), v)
-      row.append(view_fn(image, view_seed, out_size=size,
-                         config_augment=config.augment))
+      small = augment.view_spec(c, v).small
+      view = view_fn(image, view_seed, view_index=v,
+                     out_size=c.small_image_size if small else size,
+                     config_augment=c)
+      if small:
+        view = tf.image.resize(view, [size, size], method='nearest')
+      row.append(view)
     rows.append([cell.numpy() for cell in row])
   if not rows:
     raise ValueError(f"split '{config.dataset.train_split}' of "

@@ -18,10 +18,13 @@ from jaxssl import augment
 
 def augment_config(**overrides) -> ml_collections.ConfigDict:
   """`config.augment` at SimCLR's ImageNet parameters, with overrides."""
-  c = dict(recipe='simclr', num_views=2, crop_area=(0.08, 1.0),
-           crop_aspect=(3 / 4, 4 / 3), flip=True, color_strength=1.0,
-           color_prob=0.8, grayscale_prob=0.2, blur_prob=0.5,
-           blur_sigma=(0.1, 2.0), brightness='multiplicative')
+  c = dict(recipe='simclr', num_views=2, crop_sampler='tf',
+           crop_area=(0.08, 1.0), crop_aspect=(3 / 4, 4 / 3),
+           resize_method='bicubic', flip=True, color_strength=1.0,
+           color_jitter=(), color_prob=0.8, grayscale_prob=0.2,
+           brightness='multiplicative', blur_prob=0.5, view_blur_probs=(),
+           blur_sigma=(0.1, 2.0), view_solarize_probs=(), num_small_views=0,
+           small_image_size=96, small_crop_area=(0.05, 0.14))
   c.update(overrides)
   return ml_collections.ConfigDict(c)
 
@@ -284,7 +287,7 @@ def test_color_jitter_clips_every_op():
 def test_recipe_registry():
   assert augment.get_recipe('simclr') is augment.simclr_view
   with pytest.raises(ValueError, match=r"unknown augment recipe 'simclrr'; "
-                     r'known: simclr'):
+                     r'known: byol, moco_v2, moco_v3, simclr, swav'):
     augment.get_recipe('simclrr')
 
 

@@ -61,10 +61,14 @@ def make_config(data_dir='', **overrides) -> ml_collections.ConfigDict:
                  image_folder='', train_split='train', eval_train_split='train',
                  eval_test_split='test', image_size=16, shuffle_buffer=16,
                  cache=False, num_shards=0)
-  augment = dict(recipe='simclr', num_views=2, crop_area=(0.08, 1.0),
-                 crop_aspect=(3 / 4, 4 / 3), flip=True, color_strength=1.0,
-                 color_prob=0.8, grayscale_prob=0.2, blur_prob=0.5,
-                 blur_sigma=(0.1, 2.0), brightness='multiplicative')
+  augment = dict(recipe='simclr', num_views=2, crop_sampler='tf',
+                 crop_area=(0.08, 1.0), crop_aspect=(3 / 4, 4 / 3),
+                 resize_method='bicubic', flip=True, color_strength=1.0,
+                 color_jitter=(), color_prob=0.8, grayscale_prob=0.2,
+                 brightness='multiplicative', blur_prob=0.5,
+                 view_blur_probs=(), blur_sigma=(0.1, 2.0),
+                 view_solarize_probs=(), num_small_views=0,
+                 small_image_size=8, small_crop_area=(0.05, 0.14))
   config = dict(seed=0, global_batch_size=8, dataset=dataset, augment=augment)
   for key, value in overrides.items():
     section, _, name = key.rpartition('.')
@@ -98,7 +102,9 @@ def assert_batches_equal(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x['label'], y['label'])
-    np.testing.assert_array_equal(x['views'][0], y['views'][0])
+    assert len(x['views']) == len(y['views'])
+    for u, v in zip(x['views'], y['views']):
+      np.testing.assert_array_equal(u, v)
 
 
 def shard_labels(data_dir, num_shards):
@@ -238,7 +244,7 @@ def test_seed_changes_the_order(tiny_data_dir, reference):
      r'global_batch_size=64'),
     ({'dataset.shuffle_buffer': 0}, {}, r'dataset.shuffle_buffer=0'),
     ({'augment.color_strength': 2.0}, {}, r'augment.color_strength=2.0'),
-    ({'augment.recipe': 'byol'}, {}, r"unknown augment recipe 'byol'"),
+    ({'augment.recipe': 'byoll'}, {}, r"unknown augment recipe 'byoll'"),
     ({'dataset.name': 'tiny_imagess'}, {}, r"unknown dataset 'tiny_imagess'"),
     ({'dataset.train_split': 'validation'}, {}, r"bad split 'validation'"),
 ])

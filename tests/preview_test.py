@@ -23,11 +23,14 @@ def make_config(name='cifar10', image_size=32, num_views=2, image_folder=''):
                    train_split='train', eval_train_split='train',
                    eval_test_split='test', image_size=image_size,
                    shuffle_buffer=16, cache=False, num_shards=0),
-      augment=dict(recipe='simclr', num_views=num_views,
+      augment=dict(recipe='simclr', num_views=num_views, crop_sampler='tf',
                    crop_area=(0.08, 1.0), crop_aspect=(3 / 4, 4 / 3),
-                   flip=True, color_strength=1.0, color_prob=0.8,
-                   grayscale_prob=0.2, blur_prob=0.5, blur_sigma=(0.1, 2.0),
-                   brightness='multiplicative')))
+                   resize_method='bicubic', flip=True, color_strength=1.0,
+                   color_jitter=(), color_prob=0.8, grayscale_prob=0.2,
+                   brightness='multiplicative', blur_prob=0.5,
+                   view_blur_probs=(), blur_sigma=(0.1, 2.0),
+                   view_solarize_probs=(), num_small_views=0,
+                   small_image_size=16, small_crop_area=(0.05, 0.14))))
 
 
 def read_png(path) -> np.ndarray:
