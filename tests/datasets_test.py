@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from jaxssl import config_schema
 from jaxssl import datasets
 from jaxssl import input_pipeline
 
@@ -34,15 +35,14 @@ def dataset_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def run_config(data_dir) -> ml_collections.ConfigDict:
-  augment = dict(recipe='simclr', num_views=2, crop_area=(0.08, 1.0),
-                 crop_aspect=(3 / 4, 4 / 3), flip=True, color_strength=0.5,
-                 color_prob=0.8, grayscale_prob=0.2, blur_prob=0.0,
-                 blur_sigma=(0.1, 2.0), brightness='multiplicative')
+  augment = config_schema.defaults().augment
+  augment.color_strength = 0.5
+  augment.blur_prob = 0.0
   return ml_collections.ConfigDict(dict(
       seed=0, global_batch_size=16,
       dataset=dataset_config(data_dir=str(data_dir),
                              train_split='train[:512]').to_dict(),
-      augment=augment))
+      augment=augment.to_dict()))
 
 
 def require_debian_fashion_mnist():
@@ -60,6 +60,7 @@ def require_debian_fashion_mnist():
 PREPARE_SCRIPT = """
 import sys
 import ml_collections
+from jaxssl import config_schema
 from jaxssl import datasets
 config = ml_collections.ConfigDict(
     dict(name='fashion_mnist', data_dir=sys.argv[1], image_folder=''))

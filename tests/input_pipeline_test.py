@@ -204,6 +204,71 @@ def test_resume_yields_the_same_batches(tiny_data_dir, reference, start_step):
   assert_batches_equal(reference(2)[start_step:start_step + 3], resumed)
 
 
+MULTICROP = {'augment.recipe': 'swav', 'augment.crop_sampler': 'torchvision',
+             'augment.resize_method': 'bilinear',
+             'augment.crop_area': (0.14, 1.0),
+             'augment.color_jitter': (0.8, 0.8, 0.8, 0.2),
+             'augment.num_small_views': 3, 'augment.small_image_size': 8,
+             'dataset.num_shards': 2}
+
+
+@pytest.fixture(scope='module')
+def multicrop_reference(tiny_data_dir):
+  """The first 8 steps of a 1-process SwAV-style run (2 x 16 + 3 x 8 px)."""
+  config = make_config(tiny_data_dir, **MULTICROP)
+  return take(input_pipeline.pretrain_batches(config), 8)
+
+
+def test_multicrop_batch_structure(multicrop_reference):
+  batch = multicrop_reference[0]
+  assert len(batch['views']) == 2
+  big, small = batch['views']
+  assert big.shape == (8, 2, 16, 16, 3) and small.shape == (8, 3, 8, 8, 3)
+  assert big.dtype == small.dtype == np.float32
+  for views in (big, small):
+    assert 0.0 <= views.min() <= views.max() <= 1.0
+  for i in range(3):  # each small crop is its own draw
+    for j in range(i):
+      assert np.abs(small[:, i] - small[:, j]).max() > 0.05
+
+
+def test_small_crops_leave_the_global_views_unchanged(tiny_data_dir,
+                                                      multicrop_reference):
+  config = make_config(tiny_data_dir, **{**MULTICROP,
+                                         'augment.num_small_views': 0})
+  batches = take(input_pipeline.pretrain_batches(config), 2)
+  for plain, multi in zip(batches, multicrop_reference):
+    assert len(plain['views']) == 1
+    np.testing.assert_array_equal(plain['views'][0], multi['views'][0])
+
+
+def test_multicrop_does_not_depend_on_process_count(tiny_data_dir,
+                                                    multicrop_reference):
+  config, processes = make_config(tiny_data_dir, **MULTICROP), 2
+  n = 8  # crosses the epoch boundary at step 6
+  local = [take(input_pipeline.pretrain_batches(
+      config, process_index=p, process_count=processes), n)
+           for p in range(processes)]
+  joined = [{'label': np.concatenate([local[p][s]['label']
+                                      for p in range(processes)]),
+             'views': tuple(np.concatenate([local[p][s]['views'][r]
+                                            for p in range(processes)])
+                            for r in range(2))}
+            for s in range(n)]
+  assert_batches_equal(multicrop_reference, joined)
+
+
+@pytest.mark.parametrize('start_step', [1, 5])
+def test_multicrop_resume_yields_the_same_batches(tiny_data_dir,
+                                                  multicrop_reference,
+                                                  start_step):
+  config = make_config(tiny_data_dir, **MULTICROP)
+  resumed = take(input_pipeline.pretrain_batches(config,
+                                                 start_step=start_step), 3)
+  assert_batches_equal(multicrop_reference[start_step:start_step + 3],
+                       resumed)
+
+
 def test_cache_refuses_images_of_varying_size(tiny_data_dir):
   config = make_config(tiny_data_dir, **{'dataset.cache': True})
   with pytest.raises(ValueError, match='dataset.cache=True needs images of '

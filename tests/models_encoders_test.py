@@ -35,7 +35,7 @@ def _config(**overrides):
   config = ml_collections.ConfigDict(dict(
       encoder='resnet18', width_multiplier=1, stem='auto', dtype='float32',
       bn_momentum=0.9, bn_epsilon=1e-5, zero_init_residual=True,
-      conv_impl='auto'))
+      conv_impl='auto', input_normalization='none'))
   config.update(overrides)
   return config
 

@@ -87,6 +87,27 @@ def test_same_seed_same_png_other_seed_other_views(tmp_path):
                 cell(grids[2], 0, 1, 96)).max() > 10
 
 
+def test_multicrop_views_are_shown_enlarged(tmp_path):
+  path = str(tmp_path / 'swav.png')
+  config = make_config('cifar10', image_size=32)
+  config.augment.update(dict(recipe='swav', crop_sampler='torchvision',
+                             resize_method='bilinear',
+                             color_jitter=(0.8, 0.8, 0.8, 0.2),
+                             num_small_views=3, small_image_size=8))
+  with tfds.testing.mock_data(num_examples=4):
+    preview.write_view_grid(config, path, num_images=2)
+  grid = read_png(path)
+  # 1 centre crop + 2 global + 3 small columns of 96 px (32 px x 3).
+  assert grid.shape == (2 * 96 + 3 * 2, 6 * 96 + 7 * 2, 3)
+  for column in (3, 4, 5):
+    small = cell(grid, 0, column, 96)
+    # 8 px crops enlarged 4x to 32 px, then 3x: 12 x 12 blocks of one colour.
+    blocks = small.reshape(8, 12, 8, 12, 3)
+    assert (blocks == blocks[:, :1, :, :1]).all()
+  assert np.abs(cell(grid, 0, 3, 96).astype(int) -
+                cell(grid, 0, 4, 96)).max() > 10
+
+
 def test_bad_arguments():
   with pytest.raises(ValueError, match='num_images=0 must be >= 1'):
     preview.write_view_grid(make_config(), 'x.png', num_images=0)

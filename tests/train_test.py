@@ -63,7 +63,7 @@ def test_bfloat16_compute_keeps_float32_params_and_finite_loss(tiny, mesh8):
   config = tiny(**{'model.dtype': 'bfloat16'})
   losses, params = _losses(config, mesh8, 2)
   assert np.all(np.isfinite(losses))
-  assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {np.float32}
+  assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {np.dtype('float32')}
 
 
 def _restore_params(config, workdir, step):

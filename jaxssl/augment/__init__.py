@@ -1,4 +1,4 @@
-"""Host-side image augmentations (tf.image, stateless) at the official parameters.
+"""Host-side image augmentations (stateless tf.image), official parameters.
 
 Every random choice is drawn with a stateless op (`tf.random.stateless_*`,
 `tf.image.stateless_*`) from an explicit `seed` of shape [2], so a view is a

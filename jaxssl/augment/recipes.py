@@ -110,6 +110,22 @@ def _blur(image, sigma, *, laws: Laws, out_size: int, max_sigma: float):
   return blur.pil_gaussian_blur(image, sigma=sigma, max_sigma=max_sigma)
 
 
+def _color_steps(image, seeds, c, laws: Laws):
+  """Colour jitter (p = color_prob), then grayscale, then a clip."""
+  strengths = jitter_strengths(c)
+  if c.color_prob > 0 and any(x > 0 for x in strengths):
+    image = tf.cond(
+        _coin(seeds[2], c.color_prob),
+        lambda: color.jitter_colors(image, seeds[3], strengths=strengths,
+                                    brightness=c.brightness, law=laws.jitter),
+        lambda: image)
+  if c.grayscale_prob > 0 and color.num_channels(image) == 3:
+    image = tf.cond(_coin(seeds[4], c.grayscale_prob),
+                    lambda: color.to_grayscale(image, law=laws.jitter),
+                    lambda: image)
+  return tf.clip_by_value(image, 0.0, 1.0)
+
+
 def make_view(image: tf.Tensor, seed: tf.Tensor, *, view_index: int,
               out_size: int, config_augment: ml_collections.ConfigDict,
               laws: Laws) -> tf.Tensor:
@@ -148,18 +164,7 @@ def make_view(image: tf.Tensor, seed: tf.Tensor, *, view_index: int,
   if c.flip:
     image = tf.image.stateless_random_flip_left_right(image, seeds[1])
     image = tf.ensure_shape(image, [out_size, out_size, channels])
-  strengths = jitter_strengths(c)
-  if c.color_prob > 0 and any(x > 0 for x in strengths):
-    image = tf.cond(
-        _coin(seeds[2], c.color_prob),
-        lambda: color.jitter_colors(image, seeds[3], strengths=strengths,
-                                    brightness=c.brightness, law=laws.jitter),
-        lambda: image)
-  if c.grayscale_prob > 0 and channels == 3:
-    image = tf.cond(_coin(seeds[4], c.grayscale_prob),
-                    lambda: color.to_grayscale(image, law=laws.jitter),
-                    lambda: image)
-  image = tf.clip_by_value(image, 0.0, 1.0)
+  image = _color_steps(image, seeds, c, laws)
   if spec.blur_prob > 0:
     sigma = tf.random.stateless_uniform([], seeds[6], minval=c.blur_sigma[0],
                                         maxval=c.blur_sigma[1])

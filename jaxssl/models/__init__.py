@@ -13,6 +13,8 @@ features `[B, feature_dim(config.model)]`. Config keys read:
   bn_epsilon         BatchNorm epsilon (1e-5)
   zero_init_residual gamma = 0 in the last BN of each residual block; ResNets
   conv_impl          'auto' | 'im2col' | 'xla' (see `fastconv.conv2d`)
+  input_normalization 'none' | 'imagenet' | 'swav': (x - mean) / std as the
+                     encoder's first op (`INPUT_NORMALIZATIONS`)
 
 `validate_model_config` checks them all at startup; `compute_dtype` gives the
 dtype that heads should compute in; heads live in `jaxssl.models.heads`.
@@ -22,6 +24,8 @@ import functools
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
 
 from jaxssl.models import fastconv, heads, layers, resnet, small
@@ -42,6 +46,13 @@ ENCODERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 STEMS = ('auto', 'imagenet', 'cifar')
+# name -> (RGB mean, RGB std) of [0, 1] pixels. BYOL and MoCo use the
+# ImageNet statistics; SwAV's code has std 0.228 for red (a typo it keeps).
+INPUT_NORMALIZATIONS = {
+    'none': None,
+    'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    'swav': ((0.485, 0.456, 0.406), (0.228, 0.224, 0.225)),
+}
 # 'auto' picks SimCLR's CIFAR stem up to this image side (`image_size<=32`).
 CIFAR_STEM_MAX_IMAGE_SIZE = 32
 
@@ -72,6 +83,64 @@ def validate_model_config(model_config: ml_collections.ConfigDict) -> None:
   if not model_config.bn_epsilon > 0.0:
     raise ValueError(
         f'model.bn_epsilon={model_config.bn_epsilon!r} must be positive')
+  if model_config.input_normalization not in INPUT_NORMALIZATIONS:
+    raise ValueError(
+        f'unknown model.input_normalization '
+        f'{model_config.input_normalization!r}; known: '
+        f"{', '.join(INPUT_NORMALIZATIONS)}")
+
+
+def input_statistics(name: str, num_channels: int):
+  """`(mean, std)` tuples of `num_channels` floats for a normalisation.
+
+  Args:
+    name: a key of `INPUT_NORMALIZATIONS` other than 'none'.
+    num_channels: 3, or 1 for grey images, which get the mean of the three
+      channel means and the mean of the three stds.
+
+  Returns:
+    `(mean, std)`, each a tuple of `num_channels` floats.
+  """
+  known = [k for k, stats in INPUT_NORMALIZATIONS.items() if stats]
+  if name not in known:
+    raise ValueError(f'input normalisation {name!r} has no statistics; '
+                     f"known: {', '.join(known)}")
+  if num_channels not in (1, 3):
+    raise ValueError(f'num_channels={num_channels} must be 1 or 3')
+  mean, std = INPUT_NORMALIZATIONS[name]
+  if num_channels == 1:
+    return (sum(mean) / 3,), (sum(std) / 3,)
+  return mean, std
+
+
+class NormalizedEncoder(nn.Module):
+  """An encoder whose first op is `(x - mean) / std` per channel.
+
+  It shares the wrapped encoder's scope, so its variables are exactly the
+  encoder's (same tree, same init): checkpoints and exports do not depend
+  on the normalisation, which is a fixed op, not a parameter.
+  """
+
+  encoder: nn.Module
+  normalization: str
+
+  def setup(self):
+    nn.share_scope(self, self.encoder)
+
+  @property
+  def feature_dim(self) -> int:
+    return self.encoder.feature_dim
+
+  @property
+  def min_image_size(self) -> int:
+    return self.encoder.min_image_size
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Normalises `[B, H, W, C]` pixels in [0, 1] (float32), then encodes."""
+    mean, std = input_statistics(self.normalization, x.shape[-1])
+    y = (x.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / (
+        jnp.asarray(std, jnp.float32))
+    return self.encoder(y.astype(x.dtype), train=train)
 
 
 def make_encoder(model_config: ml_collections.ConfigDict, *, image_size: int,
@@ -89,7 +158,10 @@ def make_encoder(model_config: ml_collections.ConfigDict, *, image_size: int,
 
   Returns:
     An unbound Linen module; `encoder(x, train)` maps `[B, H, W, C]` float
-    images (the global batch) to `[B, feature_dim]` float32 features.
+    images in [0, 1] (the global batch) to `[B, feature_dim]` float32
+    features. With `input_normalization` other than 'none' it is a
+    `NormalizedEncoder` (same variables), so exported encoders carry the
+    normalisation and evaluation feeds [0, 1] pixels for every method.
   """
   validate_model_config(model_config)
   if isinstance(image_size, bool) or not isinstance(image_size, int) or (
@@ -109,7 +181,10 @@ def make_encoder(model_config: ml_collections.ConfigDict, *, image_size: int,
         f'image_size={image_size} is too small for encoder '
         f'{model_config.encoder!r} with stem {model_config.stem!r}; use at '
         f'least {encoder.min_image_size}')
-  return encoder
+  if model_config.input_normalization == 'none':
+    return encoder
+  return NormalizedEncoder(encoder=encoder,
+                           normalization=model_config.input_normalization)
 
 
 def feature_dim(model_config: ml_collections.ConfigDict) -> int:
@@ -142,8 +217,9 @@ def compute_dtype(model_config: ml_collections.ConfigDict) -> Any:
 
 
 __all__ = [
-    'ENCODERS', 'STEMS', 'BatchNorm', 'Conv', 'MLPHead', 'ProjectionHead',
-    'Prototypes', 'compute_dtype', 'conv', 'dtype_from_name', 'feature_dim',
-    'heads', 'layers', 'make_encoder', 'normalize_prototypes', 'resnet',
-    'small', 'validate_model_config',
+    'ENCODERS', 'INPUT_NORMALIZATIONS', 'STEMS', 'BatchNorm', 'Conv',
+    'MLPHead', 'NormalizedEncoder', 'ProjectionHead', 'Prototypes',
+    'compute_dtype', 'conv', 'dtype_from_name', 'feature_dim', 'heads',
+    'input_statistics', 'layers', 'make_encoder', 'normalize_prototypes',
+    'resnet', 'small', 'validate_model_config',
 ]
