@@ -4,6 +4,8 @@
   python -m jaxssl.bench losses --json --views 8192
   python -m jaxssl.bench peak
   python -m jaxssl.bench step --config configs/simclr_cifar10.py --batch 64
+  python -m jaxssl.bench input --config configs/simclr_fashion_mnist.py
+  python -m jaxssl.bench compare --batch 64 256
 
 See `jaxssl/bench/__init__.py` for the subcommand contract.
 """
@@ -12,6 +14,8 @@ import argparse
 import json
 import sys
 
+from jaxssl.bench import compare
+from jaxssl.bench import input as input_bench
 from jaxssl.bench import losses
 from jaxssl.bench import peak
 from jaxssl.bench import step
@@ -20,6 +24,8 @@ SUBCOMMANDS = {
     'losses': losses,
     'peak': peak,
     'step': step,
+    'input': input_bench,
+    'compare': compare,
 }
 
 

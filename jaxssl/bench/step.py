@@ -357,8 +357,17 @@ def _model_flops(case: dict, config, mesh, state, batch, lowered) -> float:
   return xla_flops(synthetic_setup(plain, mesh).train_step.lower(state, batch))
 
 
-def measure(case: dict) -> dict:
-  """Builds, compiles and times one case in this process."""
+def prepare(case: dict):
+  """Builds the step of `case`, its state and batch, and counts its FLOPs.
+
+  Args:
+    case: `{'config', 'batch', 'devices', 'impl', 'set'}` as in `run`.
+
+  Returns:
+    `(setup, state, batch, facts)`: facts is a JSON-able dict with the
+    device, shapes, `model_flops` (XLA, plain convs), `flops_impl_xla_count`
+    (XLA, this impl) and `analytic_flops` (None for non-ResNets).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from jaxssl import parallel  # pylint: disable=g-import-not-at-top
   config = load_config(case['config'], batch=case['batch'],
@@ -371,20 +380,38 @@ def measure(case: dict) -> dict:
   s = synthetic_setup(config, mesh)
   channels = s.info.image_shape[-1]
   device = jax.devices()[0]
-  out = dict(case, status='ok',
-             device=f'{device.platform}:{device.device_kind}',
-             global_batch_size=config.global_batch_size,
-             views_per_image=config.augment.num_views,
-             image_shape=[config.dataset.image_size] * 2 + [channels],
-             encoder=config.model.encoder, dtype=config.model.dtype)
+  facts = {'device': f'{device.platform}:{device.device_kind}',
+           'global_batch_size': config.global_batch_size,
+           'views_per_image': config.augment.num_views,
+           'image_shape': [config.dataset.image_size] * 2 + [channels],
+           'encoder': config.model.encoder, 'dtype': config.model.dtype}
   state = s.init_fn()
   batch = synthetic_batch(config, channels, mesh)
   start = time.perf_counter()
   lowered = s.train_step.lower(state, batch)
-  out['lower_s'] = time.perf_counter() - start
-  out['flops_impl_xla_count'] = xla_flops(lowered)
-  out['model_flops'] = _model_flops(case, config, mesh, state, batch, lowered)
-  out['analytic_flops'] = analytic_step_flops(config, channels)
+  facts['lower_s'] = time.perf_counter() - start
+  facts['flops_impl_xla_count'] = xla_flops(lowered)
+  facts['model_flops'] = _model_flops(case, config, mesh, state, batch,
+                                      lowered)
+  facts['analytic_flops'] = analytic_step_flops(config, channels)
+  return s, state, batch, facts
+
+
+def measure_peak(dtype: str, devices, size: int = 0) -> float:
+  """Best matmul FLOP/s of `devices` in `dtype` over the default sizes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  backend = 'cpu' if jax.default_backend() == 'cpu' else 'other'
+  sizes = [size] if size else peak_lib.DEFAULT_SIZES[backend]
+  return max(peak_lib.matmul_flops_per_s(dtype, n, repeats=3,
+                                         devices=devices)['flops_per_s']
+             for n in sizes)
+
+
+def measure(case: dict) -> dict:
+  """Builds, compiles and times one case in this process."""
+  s, state, batch, facts = prepare(case)
+  config = s.config
+  out = dict(case, status='ok', **facts)
   if case['flops_only']:
     return out
   run = timed_steps(s.train_step, state, batch, warmup=case['warmup'],
@@ -393,11 +420,8 @@ def measure(case: dict) -> dict:
   median = statistics.median(times)
   loss = float(run['metrics']['loss'])
   del run['state']
-  sizes = [case['peak_size']] if case['peak_size'] else (
-      peak_lib.DEFAULT_SIZES['cpu' if device.platform == 'cpu' else 'other'])
-  peak = max((peak_lib.matmul_flops_per_s(
-      config.model.dtype, size, repeats=3, devices=mesh.devices.flat)
-              for size in sizes), key=lambda r: r['flops_per_s'])
+  peak = measure_peak(config.model.dtype, s.mesh.devices.flat,
+                      case['peak_size'])
   flops_per_s = out['model_flops'] / median
   out.update(
       first_call_s=run['first_call_s'], compile_s=run['compile_s'],
@@ -405,15 +429,15 @@ def measure(case: dict) -> dict:
       images_per_s=config.global_batch_size / median,
       views_per_s=config.global_batch_size * config.augment.num_views
       / median,
-      model_flops_per_s=flops_per_s, peak_flops_per_s=peak['flops_per_s'],
-      peak_dtype=config.model.dtype, mfu=flops_per_s / peak['flops_per_s'],
+      model_flops_per_s=flops_per_s, peak_flops_per_s=peak,
+      peak_dtype=config.model.dtype, mfu=flops_per_s / peak,
       loss=loss, loss_finite=math.isfinite(loss),
       compiles_after_first=run['compiles_after_first'],
       jit_cache_size=run['cache_size'],
       recompiled=bool(run['compiles_after_first']) or (
           run['cache_size'] not in (None, 1)),
       peak_rss_bytes=peak_lib.peak_rss_bytes())
-  stats = device.memory_stats() or {}
+  stats = s.mesh.devices.flat[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
     out['device_peak_bytes'] = int(stats['peak_bytes_in_use'])
   return out
@@ -423,8 +447,10 @@ def measure(case: dict) -> dict:
 
 
 def summarize(cases: list[dict]) -> dict:
-  """Ratios between cases: conv impls at equal batch and devices, and
-  device counts at equal batch and impl.
+  """Ratios of conv impls and of device counts between `cases`.
+
+  Impls are compared at equal batch and devices, device counts at equal
+  batch and impl.
 
   Returns:
     `{'impl_speedup': [{'batch', 'devices', 'impl', 'vs', 'ratio'}],
