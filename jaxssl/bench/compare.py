@@ -81,14 +81,15 @@ def torch_missing_reason() -> str | None:
 def _jax_worker(case: dict):
   """Builds the jaxssl step; returns `(ready facts, run_steps, final)`."""
   import jax  # pylint: disable=g-import-not-at-top
+  from jaxssl.bench import harness  # pylint: disable=g-import-not-at-top
   from jaxssl.bench import step as step_lib  # pylint: disable=g-import-not-at-top
   s, state, batch, facts = step_lib.prepare(
       {'config': case['config'], 'batch': case['batch'], 'devices': 1,
        'impl': case['impl'], 'set': []})
-  run = step_lib.timed_steps(s.train_step, state, batch,
-                             warmup=case['warmup'], steps=1)
+  run = harness.timed_steps(s.train_step, state, batch,
+                            warmup=case['warmup'], steps=1)
   holder = {'state': run['state'], 'loss': 0.0}
-  compiles = step_lib.CompileCounter.count
+  compiles = harness.CompileCounter.count
   facts.update(first_call_s=run['first_call_s'], compile_s=run['compile_s'])
 
   def run_steps(count):
@@ -102,7 +103,7 @@ def _jax_worker(case: dict):
     return times, holder['loss']
 
   def final():
-    return {'compiles_after_first': step_lib.CompileCounter.count - compiles
+    return {'compiles_after_first': harness.CompileCounter.count - compiles
             + run['compiles_after_first'],
             'peak_flops_per_s': step_lib.measure_peak('float32',
                                                       s.mesh.devices.flat)}

@@ -25,7 +25,7 @@ import sys
 import time
 
 from jaxssl.bench import peak as peak_lib
-from jaxssl.bench import step as step_lib
+from jaxssl.bench import harness
 
 HELP = 'input pipeline img/s against the train step\'s consumption'
 
@@ -76,8 +76,8 @@ def measure(case: dict) -> dict:
   """Runs the pipeline, the step and the fed step in this process."""
   import jax  # pylint: disable=g-import-not-at-top
   from jaxssl import input_pipeline, parallel  # pylint: disable=g-import-not-at-top
-  config = step_lib.load_config(case['config'], batch=case['batch'],
-                                overrides=case['set'])
+  config = harness.load_config(case['config'], batch=case['batch'],
+                               overrides=case['set'])
   batch_size = config.global_batch_size
   out = dict(case, status='ok', global_batch_size=batch_size,
              views_per_image=config.augment.num_views,
@@ -93,10 +93,10 @@ def measure(case: dict) -> dict:
              input_images_per_s=batch_size * len(times) / sum(times))
   if case['steps']:
     mesh = parallel.make_mesh(jax.devices()[:case['devices']])
-    s = step_lib.synthetic_setup(config, mesh)
-    synthetic = step_lib.synthetic_batch(config, s.info.image_shape[-1], mesh)
-    run = step_lib.timed_steps(s.train_step, s.init_fn(), synthetic,
-                               warmup=1, steps=case['steps'])
+    s = harness.synthetic_setup(config, mesh)
+    synthetic = harness.synthetic_batch(config, s.info.image_shape[-1], mesh)
+    run = harness.timed_steps(s.train_step, s.init_fn(), synthetic,
+                              warmup=1, steps=case['steps'])
     step_s = statistics.median(run['step_times_s'])
     fed_times, _ = _fed_steps(s, run['state'], batches, case['steps'])
     fed_s = statistics.median(fed_times)

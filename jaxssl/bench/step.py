@@ -32,11 +32,12 @@ import statistics
 import sys
 import time
 
+from jaxssl.bench import flops as flops_lib
+from jaxssl.bench import harness
 from jaxssl.bench import peak as peak_lib
 
 HELP = 'train step: compile, step time, img/s, FLOPs, MFU, memory'
 IMPLS = ('auto', 'im2col', 'xla')
-_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 
 
 def add_arguments(parser) -> None:
@@ -63,298 +64,17 @@ def add_arguments(parser) -> None:
   parser.add_argument('--case-timeout', type=float, default=3600.0)
 
 
-# ---------------------------------------------------- building the step --
-
-
-def load_config(path: str, *, batch: int | None = None,
-                overrides=(), conv_impl: str | None = None):
-  """Loads `path`'s `get_config()` and applies the benchmark overrides.
-
-  Args:
-    path: a config file such as `configs/simclr_cifar10.py`.
-    batch: new `global_batch_size`, or None.
-    overrides: `'dotted.key=value'` strings; values are Python literals,
-      else strings.
-    conv_impl: new `model.conv_impl`, or None.
-
-  Returns:
-    The locked, validated config.
-  """
-  import ast  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  from jaxssl import config_schema  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(path):
-    raise ValueError(f'--config={path!r} is not a file; pass a config such '
-                     'as configs/simclr_cifar10.py')
-  spec = importlib.util.spec_from_file_location('bench_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  items = list(overrides)
-  if batch is not None:
-    items.append(f'global_batch_size={batch}')
-  if conv_impl is not None:
-    items.append(f'model.conv_impl={conv_impl!r}')
-  for item in items:
-    key, sep, text = item.partition('=')
-    if not sep:
-      raise ValueError(f'--set {item!r} must be KEY=VALUE, e.g. '
-                       'model.dtype=bfloat16')
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    *parents, leaf = key.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    if leaf not in node:
-      raise ValueError(f'--set {key}: no such config key')
-    node[leaf] = value
-  config.lock()
-  config_schema.validate(config)
-  return config
-
-
-def synthetic_info(config):
-  """The dataset facts a step needs, without reading or preparing data.
-
-  The image shape comes from the tfds builder's static features; the split
-  size from its metadata when the dataset is prepared, else a nominal 1000
-  steps' worth (it only shapes the learning-rate schedule).
-  """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from jaxssl import datasets  # pylint: disable=g-import-not-at-top
-  name = config.dataset.name
-  size = config.dataset.image_size
-  nominal = 1000 * config.global_batch_size
-  if name == datasets.IMAGE_FOLDER:
-    return datasets.DatasetInfo(name, nominal, 1000, (size, size, 3))
-  builder = tfds.builder(name, data_dir=datasets.resolve_data_dir(
-      config.dataset))
-  image_key, label_key = datasets.feature_keys(builder)
-  features = builder.info.features
-  examples = nominal
-  if builder.info.splits:  # Prepared here: its real size.
-    examples = datasets.split_num_examples(builder,
-                                           config.dataset.train_split)
-  return datasets.DatasetInfo(name, examples,
-                              features[label_key].num_classes,
-                              tuple(features[image_key].shape))
-
-
-def synthetic_setup(config, mesh):
-  """`jaxssl.train.setup` with dataset facts from `synthetic_info`.
-
-  The same method, schedule, optimizer and jitted functions (donation and
-  output shardings included) as the trainer's; tests/bench_test.py checks
-  that both lower to the same program.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from jaxssl import input_pipeline, methods, optim, parallel, steps, train  # pylint: disable=g-import-not-at-top
-  parallel.check_batch_divides(config.global_batch_size, mesh,
-                               jax.process_count())
-  info = synthetic_info(config)
-  steps_per_epoch = max(1, input_pipeline.steps_per_epoch(
-      config, info.num_train_examples))
-  total_steps = train.total_train_steps(config, steps_per_epoch)
-  method = methods.get_method_class(config.method)(
-      config, mesh=mesh, num_channels=info.image_shape[-1],
-      steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  schedule = optim.make_schedule(
-      config.optim, global_batch_size=config.global_batch_size,
-      steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  optimizer = optim.make_optimizer(config.optim, schedule)
-  replicated = parallel.replicated(mesh)
-  init_fn = jax.jit(steps.make_init_fn(method, optimizer, config.seed),
-                    out_shardings=replicated)
-  train_step = jax.jit(steps.make_train_step(method, optimizer, schedule),
-                       donate_argnames='state',
-                       out_shardings=(replicated, replicated))
-  return train.Setup(config, mesh, info, method, steps_per_epoch,
-                     total_steps, init_fn, train_step)
-
-
-def synthetic_batch(config, num_channels: int, mesh, seed: int = 0) -> dict:
-  """A global batch shaped like `input_pipeline.pretrain_batches`' output.
-
-  Returns:
-    `{'views': (float32 [B, V, S, S, C] in [0, 1),), 'label': int32 [B]}`,
-    B = global_batch_size, sharded over 'data'.
-  """
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jaxssl import train  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(seed)
-  size = config.dataset.image_size
-  shape = (config.global_batch_size, config.augment.num_views, size, size,
-           num_channels)
-  local = {'views': (rng.random(shape, np.float32),),
-           'label': rng.integers(0, 10, config.global_batch_size,
-                                 dtype=np.int32)}
-  return train.global_batch(local, mesh)
-
-
-# ------------------------------------------------------------- counting --
-
-
-def resnet_conv_macs(depth: int, image_size: int, *, in_channels: int,
-                     cifar_stem: bool, width_multiplier: int = 1) -> int:
-  """Multiply-accumulates of a ResNet v1.5 trunk's convolutions, one image.
-
-  Counted from the architecture table alone (not from the model code):
-  stem, then per block its convs and the projection shortcut where the
-  shape changes. BatchNorm, ReLU and pooling are not counted.
-
-  Args:
-    depth: 18, 34, 50, 101 or 152.
-    image_size: input side.
-    in_channels: input channels.
-    cifar_stem: 3x3 stride-1 stem without max-pool (else 7x7/2 + pool/2).
-    width_multiplier: scales every channel count.
-
-  Returns:
-    MACs of one forward pass (ResNet-50 at 224: about 4.09e9).
-
-  References:
-    He et al., 2016, Table 1 (FLOPs there are multiply-adds).
-  """
-  from jaxssl.models import resnet  # pylint: disable=g-import-not-at-top
-  block, stages = resnet.ARCHITECTURES[depth]
-  width = 64 * width_multiplier
-  side = image_size
-  if cifar_stem:
-    macs = side * side * 9 * in_channels * width
-  else:
-    side = -(-side // 2)
-    macs = side * side * 49 * in_channels * width
-    side = -(-side // 2)  # 3x3 stride-2 'SAME' max-pool
-  channels = width
-  for stage, blocks in enumerate(stages):
-    filters = width * 2**stage
-    for index in range(blocks):
-      stride = 2 if stage > 0 and index == 0 else 1
-      out_side = (side - 1) // stride + 1
-      out_area = out_side * out_side
-      if block.expansion == 1:
-        out = filters
-        macs += out_area * 9 * (channels * filters + filters * filters)
-      else:
-        out = 4 * filters
-        macs += side * side * channels * filters
-        macs += out_area * (9 * filters * filters + filters * out)
-      if stride != 1 or channels != out:
-        macs += out_area * channels * out
-      channels, side = out, out_side
-  return macs
-
-
-def analytic_step_flops(config, num_channels: int) -> float | None:
-  """2 x 3 x (conv + projection-head MACs) x views per step, or None.
-
-  The factor 3 is the forward and the two backward products; None for
-  encoders other than ResNets.
-  """
-  from jaxssl import models  # pylint: disable=g-import-not-at-top
-  name = config.model.encoder
-  if not name.startswith('resnet'):
-    return None
-  size = config.dataset.image_size
-  stem = config.model.stem
-  cifar = (size <= models.CIFAR_STEM_MAX_IMAGE_SIZE if stem == 'auto'
-           else stem == 'cifar')
-  macs = resnet_conv_macs(int(name[len('resnet'):]), size,
-                          in_channels=num_channels, cifar_stem=cifar,
-                          width_multiplier=config.model.width_multiplier)
-  head = config.head
-  width = models.feature_dim(config.model)
-  hidden = head.hidden_dim or width
-  dims = [width] + [hidden] * (head.num_layers - 1) + [head.output_dim]
-  macs += sum(a * b for a, b in zip(dims[:-1], dims[1:])) * (
-      head.num_layers > 0)
-  views = config.global_batch_size * config.augment.num_views
-  return 2.0 * 3.0 * macs * views
-
-
-def xla_flops(lowered) -> float:
-  """FLOPs of a lowered program by XLA's HLO cost analysis (0 if absent)."""
-  cost = lowered.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  return float((cost or {}).get('flops', 0.0))
-
-
-class CompileCounter:
-  """Counts XLA backend compiles in this process (`jax.monitoring`).
-
-  One listener is registered per process, on first use; `count` only
-  grows.
-  """
-  count = 0
-  seconds = 0.0
-  _registered = False
-
-  @classmethod
-  def ensure_registered(cls) -> None:
-    if cls._registered:
-      return
-    from jax import monitoring  # pylint: disable=g-import-not-at-top
-
-    def listener(event, duration_secs, **kwargs):
-      del kwargs
-      if event == _COMPILE_EVENT:
-        cls.count += 1
-        cls.seconds += duration_secs
-
-    monitoring.register_event_duration_secs_listener(listener)
-    cls._registered = True
-
-
-def timed_steps(step_fn, state, batch, *, warmup: int, steps: int) -> dict:
-  """Calls `state, metrics = step_fn(state, batch)` and times the calls.
-
-  The first call (compile + run) is timed on its own; then `warmup`
-  untimed and `steps` timed calls, each blocked on. Compiles are counted
-  from the second call on: any is a recompilation.
-
-  Returns:
-    `{'first_call_s', 'compile_s', 'step_times_s', 'compiles_after_first',
-    'cache_size', 'state', 'metrics'}`; `cache_size` is the jitted
-    function's cache size where jax exposes it, else None.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  CompileCounter.ensure_registered()
-  seconds = CompileCounter.seconds
-  start = time.perf_counter()
-  state, metrics = step_fn(state, batch)
-  jax.block_until_ready(metrics)
-  first_call = time.perf_counter() - start
-  compile_s = CompileCounter.seconds - seconds
-  after_first = CompileCounter.count
-  times = []
-  for index in range(warmup + steps):
-    start = time.perf_counter()
-    state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics)
-    if index >= warmup:
-      times.append(time.perf_counter() - start)
-  cache_size = getattr(step_fn, '_cache_size', None)
-  return {'first_call_s': first_call, 'compile_s': compile_s,
-          'step_times_s': times,
-          'compiles_after_first': CompileCounter.count - after_first,
-          'cache_size': cache_size() if cache_size else None,
-          'state': state, 'metrics': metrics}
-
-
 # ----------------------------------------------------------------- child --
 
 
 def _model_flops(case: dict, config, mesh, state, batch, lowered) -> float:
   """XLA's FLOPs of the step with plain XLA convs (the model's FLOPs)."""
   if config.model.conv_impl == 'xla':
-    return xla_flops(lowered)
-  plain = load_config(case['config'], batch=case['batch'],
-                      overrides=case['set'], conv_impl='xla')
-  return xla_flops(synthetic_setup(plain, mesh).train_step.lower(state, batch))
+    return flops_lib.xla_flops(lowered)
+  plain = harness.load_config(case['config'], batch=case['batch'],
+                              overrides=case['set'], conv_impl='xla')
+  step_fn = harness.synthetic_setup(plain, mesh).train_step
+  return flops_lib.xla_flops(step_fn.lower(state, batch))
 
 
 def prepare(case: dict):
@@ -370,14 +90,14 @@ def prepare(case: dict):
   """
   import jax  # pylint: disable=g-import-not-at-top
   from jaxssl import parallel  # pylint: disable=g-import-not-at-top
-  config = load_config(case['config'], batch=case['batch'],
-                       overrides=case['set'], conv_impl=case['impl'])
+  config = harness.load_config(case['config'], batch=case['batch'],
+                               overrides=case['set'], conv_impl=case['impl'])
   if jax.device_count() < case['devices']:
     raise ValueError(f'devices={case["devices"]} but jax sees '
                      f'{jax.device_count()}; on a CPU set XLA_FLAGS='
                      '--xla_force_host_platform_device_count')
   mesh = parallel.make_mesh(jax.devices()[:case['devices']])
-  s = synthetic_setup(config, mesh)
+  s = harness.synthetic_setup(config, mesh)
   channels = s.info.image_shape[-1]
   device = jax.devices()[0]
   facts = {'device': f'{device.platform}:{device.device_kind}',
@@ -386,14 +106,15 @@ def prepare(case: dict):
            'image_shape': [config.dataset.image_size] * 2 + [channels],
            'encoder': config.model.encoder, 'dtype': config.model.dtype}
   state = s.init_fn()
-  batch = synthetic_batch(config, channels, mesh)
+  batch = harness.synthetic_batch(config, channels, mesh)
   start = time.perf_counter()
   lowered = s.train_step.lower(state, batch)
   facts['lower_s'] = time.perf_counter() - start
-  facts['flops_impl_xla_count'] = xla_flops(lowered)
+  facts['flops_impl_xla_count'] = flops_lib.xla_flops(lowered)
   facts['model_flops'] = _model_flops(case, config, mesh, state, batch,
                                       lowered)
-  facts['analytic_flops'] = analytic_step_flops(config, channels)
+  facts['analytic_flops'] = flops_lib.analytic_step_flops(config,
+                                                          channels)
   return s, state, batch, facts
 
 
@@ -414,8 +135,8 @@ def measure(case: dict) -> dict:
   out = dict(case, status='ok', **facts)
   if case['flops_only']:
     return out
-  run = timed_steps(s.train_step, state, batch, warmup=case['warmup'],
-                    steps=case['steps'])
+  run = harness.timed_steps(s.train_step, state, batch,
+                            warmup=case['warmup'], steps=case['steps'])
   times = run['step_times_s']
   median = statistics.median(times)
   loss = float(run['metrics']['loss'])
