@@ -37,11 +37,17 @@ _SOURCE = flags.DEFINE_string(
 _OUT = flags.DEFINE_string('out', 'views.png', 'preview: output PNG path.')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0, for multi-process '
-    'runs outside Cloud TPU / SLURM (which are detected automatically).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
-                                      'Number of processes (with coordinator).')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None,
-                                   'This process (with coordinator).')
+    'runs outside Cloud TPU, SLURM, Open MPI and Kubernetes Jobs (detected '
+    'automatically); or $JAXSSL_COORDINATOR_ADDRESS.')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Number of processes (with coordinator); or '
+    '$JAXSSL_NUM_PROCESSES.')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'This process, 0 .. num_processes - 1 (with '
+    'coordinator); or $JAXSSL_PROCESS_ID.')
+_HEARTBEAT = flags.DEFINE_integer(
+    'heartbeat_timeout', 20, 'Multi-process runs: seconds after which a '
+    'silent peer counts as lost and every process stops.')
 
 
 def _main(argv, mode=None) -> None:
@@ -52,12 +58,17 @@ def _main(argv, mode=None) -> None:
     # Library INFO logs (orbax, tfds, clu) drown the progress line; -v 0
     # brings them back (and full tracebacks for the errors below).
     logging.set_verbosity(logging.WARNING)
+  from jaxssl import distributed  # pylint: disable=g-import-not-at-top
   try:
     _run_mode(mode or _MODE.value)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     if verbose:
       raise
-    sys.exit(f'jaxssl: error: {e}')
+    distributed.exit_with_error(f'jaxssl: error: {e}')
+  except Exception as e:  # pylint: disable=broad-except
+    distributed.exit_after_error(e)  # multi-process: tell peers, stop
+    raise
+  distributed.finish_distributed()
 
 
 def _run_mode(mode: str) -> None:
@@ -72,10 +83,10 @@ def _run_mode(mode: str) -> None:
     return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
-  from jaxssl import evaluate, parallel, train  # pylint: disable=g-import-not-at-top
-  parallel.maybe_initialize_distributed(_COORDINATOR.value,
-                                        _NUM_PROCESSES.value,
-                                        _PROCESS_ID.value)
+  from jaxssl import distributed, evaluate, parallel, train  # pylint: disable=g-import-not-at-top
+  distributed.maybe_initialize_distributed(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+      heartbeat_timeout_seconds=_HEARTBEAT.value)
   if mode == 'train':
     train.run(config, _WORKDIR.value)
   elif mode == 'eval':

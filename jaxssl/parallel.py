@@ -4,10 +4,11 @@ jaxssl runs one `jax.jit` program over a mesh with a single axis, `'data'`:
 the batch is sharded along it, parameters and optimizer state are replicated.
 Model forwards run in the global view (so BatchNorm statistics are global);
 losses that need per-device semantics run in `jax.shard_map` islands over the
-same axis and receive `axis_name=DATA_AXIS`. See docs/architecture.md.
+same axis and receive `axis_name=DATA_AXIS`. See docs/architecture.md. The
+multi-process runtime (initialisation, heartbeat) is in `jaxssl.distributed`.
 """
 
-import os
+import math
 from typing import Sequence
 
 import jax
@@ -42,47 +43,26 @@ def check_batch_divides(global_batch_size: int, mesh: Mesh,
                         process_count: int = 1) -> None:
   """Raises ValueError unless the global batch splits over devices and hosts.
 
+  Each message is one line naming the global batch, the device count and,
+  in a multi-process run, the process count.
+
   Args:
     global_batch_size: images per step, summed over all processes.
     mesh: the training mesh.
     process_count: number of JAX processes feeding the mesh.
   """
   devices = mesh.devices.size
+  multiple = math.lcm(devices, process_count)
   if global_batch_size <= 0:
     raise ValueError(
         f'global_batch_size={global_batch_size} must be a positive integer')
+  hosts = f' ({process_count} processes)' if process_count > 1 else ''
   if global_batch_size % devices:
     raise ValueError(
         f'global_batch_size={global_batch_size} is not divisible by the '
-        f'device count {devices}; use a multiple of {devices}')
+        f'device count {devices}{hosts}; use a multiple of {multiple}')
   if global_batch_size % process_count:
     raise ValueError(
         f'global_batch_size={global_batch_size} is not divisible by the '
-        f'process count {process_count} (devices={devices}); use a multiple '
-        f'of {np.lcm(devices, process_count)}')
-
-
-def maybe_initialize_distributed(coordinator_address: str | None = None,
-                                 num_processes: int | None = None,
-                                 process_id: int | None = None) -> bool:
-  """Starts JAX's multi-controller runtime when this is one of many processes.
-
-  Explicit arguments win; otherwise a Cloud TPU pod slice (more than one
-  worker in `TPU_WORKER_HOSTNAMES`), a multi-slice job or SLURM with more
-  than one task is detected and `jax.distributed.initialize()` auto-detects
-  the rest. A single process with no cluster environment does nothing.
-
-  Returns:
-    Whether the distributed runtime was initialised.
-  """
-  if coordinator_address:
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes,
-                               process_id=process_id)
-    return True
-  if (int(os.environ.get('SLURM_NTASKS', '1')) > 1
-      or ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')
-      or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS')):
-    jax.distributed.initialize()
-    return True
-  return False
+        f'process count {process_count} ({devices} devices); use a multiple '
+        f'of {multiple}')

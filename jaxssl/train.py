@@ -16,6 +16,7 @@ from etils import epath
 from jaxssl import checkpoint
 from jaxssl import config_schema
 from jaxssl import datasets
+from jaxssl import distributed
 from jaxssl import evaluate
 from jaxssl import input_pipeline
 from jaxssl import methods
@@ -101,9 +102,30 @@ def _jsonable(value):
   return value
 
 
+def agreed_latest_step(ckpt: checkpoint.Checkpointer) -> int | None:
+  """The latest checkpoint step, checked to be the same on every process.
+
+  A collective: every process must call it. A workdir that is not one
+  shared directory (say a local path on each host) fails here, on every
+  process, instead of restoring different states.
+  """
+  step = ckpt.latest_step()
+  steps = distributed.process_values(-1 if step is None else step)
+  differs = [q for q, other in enumerate(steps) if other != steps[0]]
+  if differs:
+    q = differs[0]
+    first, other = ('none' if s < 0 else f'step {s}'
+                    for s in (steps[0], steps[q]))
+    raise ValueError(
+        f'processes see different latest checkpoints in {ckpt.directory} '
+        f'(process 0: {first}, process {q}: {other}); '
+        'every process needs the same --workdir, on storage they all share')
+  return step
+
+
 def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer):
   """Returns `(state, start_step)` from the latest checkpoint or from init."""
-  start = ckpt.latest_step()
+  start = agreed_latest_step(ckpt)
   if start is None:
     return s.init_fn(), 0
   abstract = checkpoint.abstract_with_sharding(
