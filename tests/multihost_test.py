@@ -1,0 +1,253 @@
+"""A simulated pod: real processes on 127.0.0.1, 4 CPU devices each.
+
+Covers: 2 processes × 4 devices train like 1 process × 8 devices at the same
+global batch and seed (losses and parameters); each process reads only its
+half of the train split; a 2-process checkpoint resumes in a 1-process run
+and continues like an uninterrupted one; killing either process, or an error
+in one, stops the other within 60 s with a message that names the peer.
+
+The processes run `python -m jaxssl.main` exactly as a user would; the
+1-process twins run in this (8-device) test process.
+"""
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from conftest import load_config
+from jaxssl import checkpoint
+from jaxssl import datasets
+from jaxssl import distributed
+from jaxssl import input_pipeline
+from jaxssl import parallel
+from jaxssl import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Fixing the shard count makes the data order that of any process count.
+POD = {'dataset.num_shards': 2, 'log_every_steps': 1,
+       'eval_after_training': False}
+STARTUP_TIMEOUT_S = 420  # two processes compiling on a busy 2-core machine
+PEER_EXIT_BOUND_S = 60  # the specification
+
+
+@pytest.fixture(scope='module')
+def data_dir(fashion_mnist_dir):
+  """Prepares Fashion-MNIST once here, before processes race to do it."""
+  datasets.get_builder(load_config(
+      'simclr_tiny', **{'dataset.data_dir': fashion_mnist_dir}).dataset)
+  return fashion_mnist_dir
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _start_pod(workdir, data_dir, logs, overrides, per_process=None):
+  """Starts 2 processes of `jaxssl.main` × 4 devices; returns the Popens."""
+  port = _free_port()
+  env = {k: v for k, v in os.environ.items() if not k.startswith('JAXSSL_')}
+  env.update(XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu')
+  # Process 0 gets the flags, process 1 the equivalent JAXSSL_* variables.
+  settings = [([f'--coordinator_address=127.0.0.1:{port}',
+                '--num_processes=2', '--process_id=0'], {}),
+              ([], {distributed.ENV_COORDINATOR_ADDRESS: f'127.0.0.1:{port}',
+                    distributed.ENV_NUM_PROCESSES: '2',
+                    distributed.ENV_PROCESS_ID: '1'})]
+  processes = []
+  for i, (process_args, process_env) in enumerate(settings):
+    args = [f'--config.{k}={v}' for k, v in {**POD, **overrides}.items()]
+    args += (per_process or {}).get(i, [])
+    command = [sys.executable, '-m', 'jaxssl.main',
+               '--config=configs/simclr_tiny.py', f'--workdir={workdir}',
+               f'--config.dataset.data_dir={data_dir}', *args, *process_args]
+    with open(logs / f'out{i}', 'w') as out, open(logs / f'err{i}', 'w') as err:
+      processes.append(subprocess.Popen(command, cwd=REPO,
+                                        env={**env, **process_env},
+                                        stdout=out, stderr=err))
+  return processes
+
+
+def _wait_all(processes, timeout):
+  deadline = time.monotonic() + timeout
+  try:
+    return [p.wait(max(1, deadline - time.monotonic())) for p in processes]
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+def _read(logs, name):
+  return (logs / name).read_text()
+
+
+def _event_losses(workdir) -> dict[int, float]:
+  """`{step: loss}` from the TensorBoard event files in `workdir`."""
+  losses = {}
+  for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents*'))):
+    for record in tf.data.TFRecordDataset(path):
+      event = tf.compat.v1.Event.FromString(record.numpy())
+      for value in event.summary.value:
+        if value.tag == 'loss':
+          losses[event.step] = float(tf.make_ndarray(value.tensor))
+  return losses
+
+
+def _assert_close(actual, expected):
+  """float32 twins: rtol 1e-5 and atol 1e-5 × the reference's max |value|."""
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected),
+                  strict=True):
+    e = np.asarray(e, np.float64)
+    np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=1e-5,
+                               atol=1e-5 * max(np.max(np.abs(e)), 1e-30))
+
+
+def test_two_processes_train_like_one_and_resume_on_one(data_dir, mesh8,
+                                                        tmp_path):
+  # Cross-process all-reduces (gloo) sum in another order than the in-process
+  # CPU collectives, so the twins agree to float32 rounding, not bitwise.
+  overrides = {'num_train_steps': 6, 'checkpoint_every_steps': 2,
+               'keep_checkpoints': 3}
+  pod_dir = tmp_path / 'pod'
+  codes = _wait_all(_start_pod(pod_dir, data_dir, tmp_path, overrides),
+                    STARTUP_TIMEOUT_S)
+  assert codes == [0, 0], _read(tmp_path, 'err0') + _read(tmp_path, 'err1')
+  out0, out1 = _read(tmp_path, 'out0'), _read(tmp_path, 'out1')
+  assert 'step 6/6 | loss' in out0 and '2 process(es)' in out0
+  assert f'exported the encoder at step 6 to {pod_dir}/export' in out0
+  # Only process 0 speaks and writes summaries.
+  assert 'step ' not in out1 and 'exported' not in out1
+  assert len(glob.glob(str(pod_dir / 'events.out.tfevents*'))) == 1
+
+  config = load_config('simclr_tiny', **{'dataset.data_dir': data_dir,
+                                         **POD, **overrides})
+  s = train.setup(config, mesh8)
+  single_dir = tmp_path / 'single'
+  single = train.train(s, str(single_dir))
+  pod_losses, single_losses = _event_losses(pod_dir), _event_losses(single_dir)
+  assert sorted(pod_losses) == list(range(1, 7))
+  _assert_close([pod_losses[k] for k in range(1, 7)],
+                [single_losses[k] for k in range(1, 7)])
+  abstract = checkpoint.abstract_with_sharding(
+      jax.eval_shape(s.init_fn), parallel.replicated(mesh8))
+  pod_final = checkpoint.Checkpointer(str(pod_dir), keep=3).restore(6, abstract)
+  _assert_close(jax.device_get(pod_final.params), jax.device_get(single.params))
+
+  # Resume the pod's step-2 checkpoint with 1 process × 8 devices.
+  resumed_dir = tmp_path / 'resumed'
+  shutil.copytree(pod_dir / 'checkpoints', resumed_dir / 'checkpoints')
+  for step in (4, 6):
+    shutil.rmtree(resumed_dir / 'checkpoints' / str(step))
+  resumed = train.train(s, str(resumed_dir))
+  resumed_losses = _event_losses(resumed_dir)
+  assert sorted(resumed_losses) == [3, 4, 5, 6]
+  _assert_close([resumed_losses[k] for k in range(3, 7)],
+                [single_losses[k] for k in range(3, 7)])
+  assert int(resumed.step) == 6
+  _assert_close(jax.device_get(resumed.params), jax.device_get(single.params))
+  _assert_close(jax.device_get(resumed.opt_state),
+                jax.device_get(single.opt_state))
+
+
+@pytest.mark.parametrize('cache', [True, False])
+def test_each_process_reads_only_its_half(data_dir, monkeypatch, cache):
+  config = load_config('simclr_tiny', **{'dataset.data_dir': data_dir,
+                                         'dataset.cache': cache, **POD})
+  read = []
+  get_builder = datasets.get_builder
+
+  def spying_get_builder(dataset_config):
+    builder = get_builder(dataset_config)
+    as_dataset = builder.as_dataset
+
+    def recording_as_dataset(*args, split=None, **kwargs):
+      read.append(str(split))
+      return as_dataset(*args, split=split, **kwargs)
+    monkeypatch.setattr(builder, 'as_dataset', recording_as_dataset)
+    return builder
+  monkeypatch.setattr(datasets, 'get_builder', spying_get_builder)
+
+  halves = tfds.even_splits(config.dataset.train_split, n=2)
+  local = []
+  for p in range(2):
+    read.clear()
+    batches = input_pipeline.pretrain_batches(config, process_index=p,
+                                              process_count=2)
+    local.append(next(batches))
+    assert read == [str(halves[p])]
+    assert local[p]['views'][0].shape[0] == config.global_batch_size // 2
+  whole = next(input_pipeline.pretrain_batches(config))
+  np.testing.assert_array_equal(
+      np.concatenate([b['views'][0] for b in local]), whole['views'][0])
+  np.testing.assert_array_equal(
+      np.concatenate([b['label'] for b in local]), whole['label'])
+
+
+def _wait_for(path, text, processes, timeout):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if text in path.read_text():
+      return
+    if any(p.poll() is not None for p in processes):
+      break
+    time.sleep(0.2)
+  raise AssertionError(f'{text!r} never appeared in {path}: '
+                       f'{path.read_text()[-2000:]}')
+
+
+@pytest.mark.parametrize('victim', [1, 0])
+def test_a_killed_process_stops_its_peer_within_60s(data_dir, tmp_path,
+                                                    victim):
+  processes = _start_pod(tmp_path / 'run', data_dir, tmp_path,
+                         {'num_train_steps': 100_000})
+  try:
+    _wait_for(tmp_path / 'out0', 'step 2/', processes, STARTUP_TIMEOUT_S)
+    processes[victim].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    survivor = 1 - victim
+    code = processes[survivor].wait(PEER_EXIT_BOUND_S + 30)
+    elapsed = time.monotonic() - killed
+  finally:
+    _wait_all(processes, 1)
+  err = _read(tmp_path, f'err{survivor}')
+  assert code != 0 and elapsed < PEER_EXIT_BOUND_S, (code, elapsed, err)
+  if victim == 1:
+    # Process 0 stays up and its watchdog names the peer, in one line.
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith(
+        'jaxssl: error: lost process 1 of 2: no heartbeat for ')
+  else:
+    # Process 0 hosts JAX's coordination service: JAX itself aborts the
+    # others at once, naming the lost leader (process 0).
+    assert 'Either the leader task was preempted/died' in err
+
+
+def test_an_error_in_one_process_stops_the_other(data_dir, tmp_path):
+  # Only process 1 gets a batch its 8 devices cannot split; process 0 goes on
+  # to the first collective and would wait there forever.
+  processes = _start_pod(tmp_path / 'run', data_dir, tmp_path,
+                         {'num_train_steps': 4},
+                         per_process={1: ['--config.global_batch_size=36']})
+  codes = _wait_all(processes, STARTUP_TIMEOUT_S)
+  expected = ('global_batch_size=36 is not divisible by the device count 8 '
+              '(2 processes); use a multiple of 8')
+  err0, err1 = _read(tmp_path, 'err0'), _read(tmp_path, 'err1')
+  assert codes == [1, 1], err0 + err1
+  assert err1.strip().splitlines()[-1] == f'jaxssl: error: {expected}'
+  assert err0.strip().splitlines()[-1].startswith(
+      f'jaxssl: error: process 1 of 2 stopped with an error: {expected}')
