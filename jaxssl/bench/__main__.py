@@ -6,6 +6,7 @@
   python -m jaxssl.bench step --config configs/simclr_cifar10.py --batch 64
   python -m jaxssl.bench input --config configs/simclr_fashion_mnist.py
   python -m jaxssl.bench compare --batch 64 256
+  python -m jaxssl.bench augment --sizes 32 224 --json
 
 See `jaxssl/bench/__init__.py` for the subcommand contract.
 """
@@ -14,6 +15,7 @@ import argparse
 import json
 import sys
 
+from jaxssl.bench import augment
 from jaxssl.bench import compare
 from jaxssl.bench import input as input_bench
 from jaxssl.bench import losses
@@ -26,6 +28,7 @@ SUBCOMMANDS = {
     'step': step,
     'input': input_bench,
     'compare': compare,
+    'augment': augment,
 }
 
 
