@@ -237,9 +237,13 @@ def _add_ratios(result: dict) -> None:
   flops = next(s['model_flops'] for s in sides.values() if 'model_flops' in s)
   peak = next(s['peak_flops_per_s'] for s in sides.values()
               if 'peak_flops_per_s' in s)
-  result.update(model_flops=flops, peak_flops_per_s=peak)
-  for name, side in sides.items():
+  analytic = next(s['analytic_flops'] for s in sides.values()
+                  if 'analytic_flops' in s)
+  result.update(model_flops=flops, analytic_flops=analytic,
+                peak_flops_per_s=peak)
+  for side in sides.values():
     side['mfu'] = flops / side['median_step_s'] / peak
+    side['mfu_analytic'] = analytic / side['median_step_s'] / peak
     side['ratio_to_pytorch'] = side['images_per_s'] / torch_side[
         'images_per_s']
 
@@ -282,11 +286,12 @@ def format_report(report: dict) -> str:
            f'{cfg["rounds"]} rounds x {cfg["steps"]} steps per side; '
            f'{machine["cpu_count"]} CPUs, load {machine["loadavg"][0]:.1f} -> '
            f'{machine["loadavg_end"][0]:.1f}; {report["date"]}', '',
-           '| batch | side | step (ms, median) | img/s | views/s | MFU | '
-           'x PyTorch | recompiled |', '|---:|---|---:|---:|---:|---:|---:|---|']
+           '| batch | side | step (ms, median) | img/s | views/s | MFU (XLA) | '
+           'MFU (analytic) | x PyTorch | recompiled |',
+           '|---:|---|---:|---:|---:|---:|---:|---:|---|']
   for r in report['results']:
     if 'sides' not in r:
-      lines.append(f'| {r["batch"]} | error: {r["reason"]} |||||||')
+      lines.append(f'| {r["batch"]} | error: {r["reason"]} ||||||||')
       continue
     for name, s in r['sides'].items():
       recompiled = ('-' if 'compiles_after_first' not in s else
@@ -294,7 +299,8 @@ def format_report(report: dict) -> str:
       lines.append(
           f'| {r["batch"]} | {name} | {s["median_step_s"] * 1e3:.0f} | '
           f'{s["images_per_s"]:.2f} | {2 * s["images_per_s"]:.2f} | '
-          f'{100 * s["mfu"]:.0f}% | {s["ratio_to_pytorch"]:.2f} | '
+          f'{100 * s["mfu"]:.0f}% | {100 * s["mfu_analytic"]:.0f}% | '
+          f'{s["ratio_to_pytorch"]:.2f} | '
           f'{recompiled} |')
   return '\n'.join(lines)
 
