@@ -1,0 +1,109 @@
+"""SimSiam: a predictor and a stop-gradient, no negatives and no EMA.
+
+Semantics follow facebookresearch/simsiam (`simsiam/builder.py`,
+`main_simsiam.py`; docs/methods.md):
+- one network: encoder, 3-layer projector (`Linear(no bias)-BN-ReLU` twice,
+  then `Linear-BN(affine=False)`, width = the encoder's feature dimension,
+  output 2048) and predictor (`Linear(2048 -> 512, no bias)-BN-ReLU-
+  Linear(512 -> 2048, bias)`); PyTorch's Linear init;
+- each view is forwarded separately (`z1 = f(x1); z2 = f(x2)`), so BatchNorm
+  statistics are per view and global over devices (SyncBN), and the running
+  averages are updated once per view in view order;
+- loss `-(cos(p1, sg z2) + cos(p2, sg z1)) / 2` (`losses.simsiam_loss`);
+- no extra state and no post-update rule.
+
+Difference from the official code: the official README recipe keeps the
+predictor at the initial learning rate (`--fix-pred-lr`) while the rest
+follows the cosine schedule; `jaxssl.optim` has one schedule for all
+parameters, so here the predictor decays with the rest (the paper's Table 1
+reports this setting too, slightly below the fixed-LR one).
+
+References:
+  Chen & He, Exploring Simple Siamese Representation Learning, CVPR 2021.
+  facebookresearch/simsiam `simsiam/builder.py`, `main_simsiam.py`.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxssl import losses
+from jaxssl import models
+from jaxssl.methods import base
+from jaxssl.methods import byol
+from jaxssl.methods import simclr
+from jaxssl.models import heads
+
+
+class SimSiam(base.Method):
+  """SimSiam with per-view global BN and the symmetric negative cosine."""
+
+  name = 'simsiam'
+
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    """The `config.simsiam` section.
+
+    The projector is `config.head` (`num_layers=3`, `hidden_dim=0` = the
+    encoder's feature dimension, `output_dim=2048` in the official recipe);
+    the predictor maps the projection back to `head.output_dim`.
+    """
+    c = ml_collections.ConfigDict()
+    c.predictor_hidden_dim = 512  # the bottleneck (official `--pred-dim`)
+    return c
+
+  @classmethod
+  def validate_config(cls, config: ml_collections.ConfigDict) -> None:
+    byol.check_positive(config, 'simsiam', 'predictor_hidden_dim')
+    if config.head.num_layers < 1:
+      raise ValueError(f'head.num_layers={config.head.num_layers}; the '
+                       'SimSiam projector needs >= 1 layer (official: 3)')
+    byol.check_two_views(config, 'SimSiam')
+
+  def __init__(self, config, **kwargs):
+    super().__init__(config, **kwargs)
+    self._encoder = models.make_encoder(config.model,
+                                        image_size=self.image_size)
+    mlp = dict(dtype=models.compute_dtype(config.model),
+               bn_momentum=config.model.bn_momentum,
+               bn_epsilon=config.model.bn_epsilon, hidden_bias=False)
+    hidden = config.head.hidden_dim or models.feature_dim(config.model)
+    dim = config.head.output_dim
+    self.net = byol.SiameseNet(
+        encoder=self._encoder,
+        # The official last Linear has a bias, but the affine-free BN right
+        # after it cancels it (the official code freezes it).
+        projector=heads.MLPHead(hidden, dim, num_layers=config.head.num_layers,
+                                last_bn=True, last_bn_affine=False, **mlp),
+        predictor=heads.MLPHead(config.simsiam.predictor_hidden_dim, dim,
+                                output_bias=True, **mlp))
+
+  @property
+  def encoder(self) -> nn.Module:
+    return self._encoder
+
+  def init(self, rng):
+    x = jnp.zeros((2, self.image_size, self.image_size, self.num_channels),
+                  jnp.float32)
+    variables = self.net.init(rng, x, train=True)
+    return variables['params'], variables['batch_stats'], {}
+
+  def loss_fn(self, params, batch_stats, extra, batch, rng, step):
+    del rng, step  # all randomness is in the host augmentations
+    outputs, batch_stats = byol.forward_views(
+        self.net, params, batch_stats, batch['views'][0], predict=True)
+    (z1, p1), (z2, p2) = outputs
+    loss = losses.simsiam_loss(p1, p2, z1, z2)
+    t1, t2 = jax.lax.stop_gradient(z1), jax.lax.stop_gradient(z2)
+    metrics = {
+        'loss': loss,
+        'embedding_std': simclr.embedding_std(z1),
+        # The targets of p1 and p2 are sg(z2) and sg(z1): -loss, logged
+        # under the name BYOL uses for the same collapse monitor.
+        'target_online_agreement': 0.5 * (byol.mean_cosine(p1, t2)
+                                          + byol.mean_cosine(p2, t1)),
+        # Tends to 1 (with embedding_std to 0) when the network collapses.
+        'view_agreement': byol.mean_cosine(z1, z2),
+    }
+    return loss, (batch_stats, extra, metrics)
