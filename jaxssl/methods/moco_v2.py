@@ -1,0 +1,190 @@
+"""MoCo v2: a momentum key encoder, a queue of negatives and shuffle-BN.
+
+Semantics follow facebookresearch/moco `moco/builder.py:MoCo` (see
+docs/methods.md):
+- the query network (encoder, then the v2 MLP head Linear-ReLU-Linear
+  without BN) sees view 1; the key network, a momentum copy
+  (`θk ← m·θk + (1 − m)·θq`, m = 0.999, parameters only, applied before
+  the keys are computed; see `jaxssl.methods.momentum`), sees view 2;
+- InfoNCE with the positive at index 0 and the queue as the only negatives,
+  `[q·k, q·queueᵀ] / τ` with τ = 0.2 (`losses.moco_v2_infonce`);
+- after the loss the global batch of keys is enqueued at the pointer
+  (`losses.moco_enqueue`); the queue `[K, dim]` starts as L2-normalised
+  Gaussian rows, and K must be a multiple of the global batch;
+- shuffle-BN, in the global view. The official code all-gathers the key
+  images, permutes them with a permutation shared by all GPUs, lets each
+  GPU encode its slice with local (unsynchronised) BN, then gathers and
+  un-permutes the keys. Here the global batch of key images is permuted
+  with a per-step permutation drawn from the step key (identical on every
+  device), encoded with BatchNorm in `bn_groups` contiguous groups (with
+  one group per device, each group is exactly one device's slice, i.e.
+  per-device statistics), and un-permuted. Under `jit` XLA inserts the
+  exchanges. The query encoder uses the same grouped BN without shuffling
+  (the official per-GPU BN). Because the groups are a property of the
+  computation, not of the hardware, one device with `bn_groups=8` gives the
+  numbers of 8 devices (the CIFAR demo's SplitBatchNorm);
+- SGD over every parameter (BN and biases included) with weight decay 1e-4
+  and a per-epoch cosine learning rate; the key network is not optimised.
+
+References:
+  He et al., Momentum Contrast for Unsupervised Visual Representation
+  Learning, CVPR 2020; Chen et al., Improved Baselines with Momentum
+  Contrastive Learning, 2020; facebookresearch/moco `moco/builder.py`,
+  `main_moco.py`.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxssl import losses
+from jaxssl import models
+from jaxssl import parallel
+from jaxssl.methods import base
+from jaxssl.methods import momentum
+from jaxssl.methods.simclr import embedding_std
+from jaxssl.models import heads
+
+# fold_in tag of the shuffle-BN permutation's stream within the step key.
+_SHUFFLE_STREAM = 1
+
+
+class MoCoV2(base.Method):
+  """MoCo v2 with a queue, a momentum key encoder and shuffle-BN."""
+
+  name = 'moco_v2'
+
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.temperature = 0.2  # 0.07 in MoCo v1
+    c.queue_size = 65536  # K; a multiple of global_batch_size
+    c.momentum = 0.999  # key encoder m, constant
+    c.bn_groups = 0  # BatchNorm statistics groups; 0 = number of devices
+    c.shuffle_bn = True  # permute key images across the BN groups
+    return c
+
+  @classmethod
+  def validate_config(cls, config: ml_collections.ConfigDict) -> None:
+    cfg = config.moco_v2
+    if not cfg.temperature > 0:
+      raise ValueError(f'moco_v2.temperature={cfg.temperature} must be > 0')
+    if not 0.0 <= cfg.momentum <= 1.0:
+      raise ValueError(f'moco_v2.momentum={cfg.momentum} must be in [0, 1]')
+    if cfg.queue_size <= 0 or cfg.queue_size % config.global_batch_size:
+      raise ValueError(
+          f'moco_v2.queue_size={cfg.queue_size} must be a positive multiple '
+          f'of global_batch_size={config.global_batch_size}')
+    if cfg.bn_groups < 0 or (
+        cfg.bn_groups and config.global_batch_size % cfg.bn_groups):
+      raise ValueError(
+          f'moco_v2.bn_groups={cfg.bn_groups} must be 0 (one per device) or '
+          f'a divisor of global_batch_size={config.global_batch_size}')
+    if config.augment.num_views != 2:
+      raise ValueError(f'augment.num_views={config.augment.num_views}; MoCo '
+                       'v2 uses exactly 2 views (query and key)')
+    if config.head.num_layers < 1:
+      raise ValueError(f'head.num_layers={config.head.num_layers} must be '
+                       '>= 1 for the MoCo v2 head')
+
+  def __init__(self, config, **kwargs):
+    super().__init__(config, **kwargs)
+    self.bn_groups = momentum.resolve_bn_groups(
+        config.moco_v2.bn_groups, self.mesh, config.global_batch_size,
+        'moco_v2.bn_groups')
+    self._encoder = models.make_encoder(config.model,
+                                        image_size=self.image_size,
+                                        bn_groups=self.bn_groups)
+    hidden = config.head.hidden_dim or models.feature_dim(config.model)
+    projector = heads.MLPHead(
+        hidden_dim=hidden, output_dim=config.head.output_dim,
+        num_layers=config.head.num_layers, use_bn=False, hidden_bias=True,
+        output_bias=True, dtype=models.compute_dtype(config.model))
+    self.net = momentum.MomentumNet(encoder=self._encoder,
+                                    projector=projector)
+
+  @property
+  def encoder(self) -> nn.Module:
+    return self._encoder
+
+  def init(self, rng):
+    net_key, queue_key = jax.random.split(rng)
+    shape = (1, self.image_size, self.image_size, self.num_channels)
+    variables = self.net.init(net_key, jnp.zeros(shape, jnp.float32),
+                              train=False)
+    params, batch_stats = variables['params'], variables['batch_stats']
+    queue = jax.random.normal(
+        queue_key, (self.config.moco_v2.queue_size,
+                    self.config.head.output_dim), jnp.float32)
+    extra = {
+        # The key network starts as a copy of the query network.
+        'key_params': momentum.copy_tree(params),
+        'key_batch_stats': momentum.copy_tree(batch_stats),
+        'queue': losses.l2_normalize(queue),
+        'queue_ptr': jnp.zeros((), jnp.int32),
+    }
+    return params, batch_stats, extra
+
+  def shuffle_permutation(self, rng: jax.Array, n: int) -> jax.Array:
+    """The step's shuffle-BN permutation of the `n` key images.
+
+    Args:
+      rng: the step key (identical on every device).
+      n: global batch size.
+
+    Returns:
+      `[n]` int32: shuffled position i holds key image `perm[i]`.
+    """
+    return jax.random.permutation(jax.random.fold_in(rng, _SHUFFLE_STREAM), n)
+
+  def keys(self, key_params, key_batch_stats, x: jax.Array, rng: jax.Array):
+    """Key projections with shuffle-BN, in the original batch order.
+
+    Args:
+      key_params: the key network's parameters (already momentum-updated).
+      key_batch_stats: its BatchNorm statistics.
+      x: `[global_batch, H, W, C]` key images, sharded over `'data'`.
+      rng: the step key.
+
+    Returns:
+      `(k, new_key_batch_stats)`: `[global_batch, dim]` float32 keys without
+      gradient, row i the key of image i.
+    """
+    shuffle = self.config.moco_v2.shuffle_bn and self.bn_groups > 1
+    if shuffle:
+      perm = self.shuffle_permutation(rng, x.shape[0])
+      # Keep the shuffled batch sharded over devices, as each GPU holds its
+      # slice of the permuted batch in the official code.
+      x = jax.lax.with_sharding_constraint(
+          jnp.take(x, perm, axis=0),
+          NamedSharding(self.mesh, P(parallel.DATA_AXIS)))
+    k, new_stats = momentum.forward(self.net, key_params, key_batch_stats, x)
+    if shuffle:
+      k = jnp.take(k, jnp.argsort(perm), axis=0)
+    return jax.lax.stop_gradient(k), new_stats
+
+  def loss_fn(self, params, batch_stats, extra, batch, rng, step):
+    del step  # m is constant and the LR schedule lives in the optimizer
+    cfg = self.config.moco_v2
+    views = batch['views'][0]  # [N, 2, H, W, C]
+    q, new_batch_stats = momentum.forward(self.net, params, batch_stats,
+                                          views[:, 0])
+    key_params = momentum.momentum_update(extra['key_params'], params,
+                                          cfg.momentum)
+    k, key_batch_stats = self.keys(key_params, extra['key_batch_stats'],
+                                   views[:, 1], rng)
+    # A per-query loss: the global view is exact, no shard_map island needed.
+    loss = losses.moco_v2_infonce(q, k, extra['queue'], cfg.temperature)
+    positive_cosine, contrast_acc = momentum.contrast_accuracy(
+        q, k, extra['queue'])
+    queue, queue_ptr = losses.moco_enqueue(extra['queue'], extra['queue_ptr'],
+                                           k)
+    new_extra = {'key_params': key_params, 'key_batch_stats': key_batch_stats,
+                 'queue': queue, 'queue_ptr': queue_ptr}
+    metrics = {'loss': loss, 'embedding_std': embedding_std(q),
+               'key_embedding_std': embedding_std(k),
+               'positive_cosine': positive_cosine,
+               'contrast_acc': contrast_acc}
+    return loss, (new_batch_stats, new_extra, metrics)
