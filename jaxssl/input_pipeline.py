@@ -21,6 +21,11 @@ Order of the pretraining data (B = global_batch_size, S = dataset.num_shards,
   v = 0 .. V - 1 and the multi-crop small crops v = V .. V + V_small - 1.
 Images are decoded after the skip to the resume point, so resuming costs
 reading, not decoding, the skipped records.
+
+With `augment.on_device` the pipeline makes no views: it yields each image
+as uint8 at dataset.image_size x dataset.image_size (`device_image`), and
+the train step augments on device (`jaxssl.steps`, `jaxssl.augment_device`).
+The data order is the same as without it.
 """
 
 import dataclasses
@@ -34,6 +39,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from jaxssl import augment
+from jaxssl import augment_device
 from jaxssl import datasets  # importing it hides the GPUs from TensorFlow
 
 # tf.data functions here are plain graph code; autograph's conversion would
@@ -104,6 +110,8 @@ def _make_plan(config, process_index: int, process_count: int) -> _Plan:
     raise ValueError(f'process_index={process_index} must be in '
                      f'[0, {process_count})')
   augment.check_config(config.augment)
+  if _on_device(config):
+    augment_device.check_supported(config.augment)
   builder = datasets.get_builder(config.dataset)
   image_key, label_key = datasets.feature_keys(builder)
   per_process = shards // process_count
@@ -235,6 +243,27 @@ def _view_functions(plan: _Plan) -> Callable[..., tf.Tensor]:
   return view
 
 
+def _on_device(config) -> bool:
+  # TODO(lead): read config.augment.on_device directly once the hand-built
+  # augment dicts of tests/input_pipeline_test.py declare the key.
+  return bool(config.augment.get('on_device', False))
+
+
+def device_image(image: tf.Tensor, size: int) -> tf.Tensor:
+  """uint8 [H, W, C] -> uint8 [size, size, C] for on-device augmentation.
+
+  Images of that size pass unchanged; others are resized whole (bicubic,
+  antialiased when shrinking, rounded to uint8) so that they batch. The
+  device crops from this image, not the original (Fashion-MNIST at 16 px
+  loses detail the host path keeps).
+  """
+  if tuple(image.shape[:2]) == (size, size):
+    return image
+  resized = tf.image.resize(image, (size, size), method='bicubic',
+                            antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+
 def _train_dataset(plan: _Plan, start_step: int) -> tf.data.Dataset:
   """The process's batches: its shards side by side, then the views."""
   cfg = plan.config
@@ -251,6 +280,9 @@ def _train_dataset(plan: _Plan, start_step: int) -> tf.data.Dataset:
   def make_views(shard, epoch, position, image, label):
     if plan.cached is None:
       image = image_feature.decode_example(image)
+    if _on_device(cfg):
+      return {'image': device_image(image, cfg.dataset.image_size),
+              'label': tf.cast(label, tf.int32)}
     example_seed = _fold(_shard_seed(cfg.seed, shard), epoch, 2, position)
     views = [view(image, _fold(example_seed, v), v) for v in range(num_total)]
     out = {'views': tf.stack(views[:num_global]),
@@ -305,6 +337,8 @@ def pretrain_batches(config: ml_collections.ConfigDict, *, start_step: int = 0,
     S = dataset.image_size, plus, when augment.num_small_views > 0, a second
     entry `float32 [n_local, V_small, s, s, C]` (the multi-crop small crops,
     s = augment.small_image_size). Pixels are in [0, 1] for every recipe.
+    With augment.on_device: `{'image': uint8 [n_local, S, S, C], 'label'}`
+    instead, the views being made in the train step.
 
   References:
     google-research/simclr `data.build_input_fn` (two views per image);
@@ -318,6 +352,9 @@ def pretrain_batches(config: ml_collections.ConfigDict, *, start_step: int = 0,
 
   def generate():
     for batch in _iterate(ds, plan.builder, config.dataset.train_split):
+      if _on_device(config):
+        yield batch
+        continue
       views = (batch['views'],)
       if 'small_views' in batch:
         views += (batch['small_views'],)

@@ -5,7 +5,9 @@ images, with the same recipe (`config_schema.defaults().augment`, blur on
 or off), on this machine:
 - host: `tf.data` from memory, `augment.simclr_view` per view mapped with
   AUTOTUNE parallelism and deterministic order, batched and prefetched (the
-  map of `jaxssl.input_pipeline`, without reading or decoding);
+  map of `jaxssl.input_pipeline`, without reading or decoding); each timing
+  uses a fresh pipeline warmed by one batch, so nothing is prefetched while
+  the device path runs;
 - device: `augment_device.simclr_views` jitted on the uint8 batch, already
   on the device, timed to `block_until_ready` (compile time reported apart).
 Runs alternate (host, device, host, ...) so a change of machine load hits
@@ -69,7 +71,12 @@ def _host_batches(images, config_augment, out_size: int, batch: int):
   return ds.batch(batch).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
-def _time_host(iterator, batches: int) -> float:
+def _time_host(images, config_augment, out_size: int, batch: int,
+               batches: int) -> float:
+  # A fresh pipeline per timing, warmed by one batch: a pipeline kept alive
+  # across the device timings would prefetch in the background meanwhile.
+  iterator = _host_batches(images, config_augment, out_size, batch)
+  next(iterator)
   start = time.perf_counter()
   for _ in range(batches):
     next(iterator)
@@ -103,11 +110,10 @@ def measure(size: int, args) -> dict:
   start = time.perf_counter()
   fn(device_images, jax.random.key(0)).block_until_ready()
   compile_s = time.perf_counter() - start
-  host = _host_batches(images, config_augment, size, args.batch)
-  next(host)  # builds the pipeline and warms its threads
   host_s, device_s = [], []
   for r in range(args.repeats):
-    host_s.append(_time_host(host, args.batches))
+    host_s.append(_time_host(images, config_augment, size, args.batch,
+                             args.batches))
     keys = [jax.random.key(1000 * r + i) for i in range(args.batches)]
     device_s.append(_time_device(fn, device_images, keys))
   images_per_timing = args.batch * args.batches
