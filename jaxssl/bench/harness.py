@@ -97,7 +97,9 @@ def synthetic_setup(config, mesh):
   that both lower to the same program.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxssl import input_pipeline, methods, optim, parallel, steps, train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from jaxssl import input_pipeline, methods, optim, parallel, steps, train
+  # pylint: enable=g-import-not-at-top
   parallel.check_batch_divides(config.global_batch_size, mesh,
                                jax.process_count())
   info = synthetic_info(config)

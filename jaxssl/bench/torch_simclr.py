@@ -137,7 +137,8 @@ class Lars:
       g = p.grad
       if p.ndim > 1:
         g = g + self.weight_decay * p
-        p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+        p_norm = torch.linalg.vector_norm(p)
+        g_norm = torch.linalg.vector_norm(g)
         trust = torch.where((p_norm > 0) & (g_norm > 0),
                             self.eta * p_norm / g_norm,
                             torch.ones_like(p_norm))
