@@ -6,7 +6,7 @@ In one subprocess, for one config:
    `--warmup` batches (the first batch, which prepares and caches the
    split, is reported on its own);
 2. the step alone: the trainer's jitted step on a synthetic batch of the
-   same shape (`jaxssl.bench.step`), median of `--steps` steps;
+   same shape (`jaxssl.bench.harness`), median of `--steps` steps;
 3. the two together, as the trainer runs them: `--steps` steps, each fed
    the next pipeline batch (the pipeline prefetches on its own threads).
 img/s counts images (each with V views) per second. The pipeline keeps up
