@@ -3,8 +3,9 @@
 python -m jaxssl.main --config=configs/swav_tiny.py --workdir=/tmp/jaxssl_swav_tiny
 Expected: finishes in about a minute; the numbers mean nothing (8 steps of a
 2-layer CNN on 2,048 Fashion-MNIST images), only that every stage runs:
-frozen prototypes for 2 steps, a 64-row queue that starts at once and is in
-use from step 3 on, export and linear evaluation.
+multi-crop (2 x 16 px + 2 x 8 px crops, SwAV's augmentation recipe),
+frozen prototypes for 2 steps, a 64-row queue that starts at once and is
+in use from step 3 on, export and linear evaluation.
 """
 
 from jaxssl import config_schema
@@ -28,12 +29,20 @@ def get_config():
   c.dataset.shuffle_buffer = 512
   c.dataset.cache = True
 
+  c.augment.recipe = 'swav'
+  c.augment.crop_sampler = 'torchvision'
+  c.augment.resize_method = 'bilinear'
+  c.augment.crop_area = (0.14, 1.0)
   c.augment.color_strength = 0.5
   c.augment.blur_prob = 0.0
+  c.augment.num_small_views = 2  # multi-crop: 2 x 16 px + 2 x 8 px
+  c.augment.small_image_size = 8
+  c.augment.small_crop_area = (0.05, 0.14)
 
   c.model.encoder = 'tiny_cnn'
   c.model.dtype = 'float32'
   c.model.zero_init_residual = False
+  c.model.input_normalization = 'swav'
 
   c.head.num_layers = 2
   c.head.hidden_dim = 32

@@ -337,5 +337,5 @@ class SwAV(base.Method):
 
 
 def num_crops_of(config: ml_collections.ConfigDict) -> int:
-  """Crops per image: the global views (and, later, the small ones)."""
-  return config.augment.num_views
+  """Crops per image: the global views plus the multi-crop small ones."""
+  return config.augment.num_views + config.augment.num_small_views
