@@ -327,3 +327,18 @@ def test_bad_images_raise(shape, dtype):
     augment_device.simclr_views(np.zeros(shape, dtype), jax.random.key(0),
                                 num_views=2, out_size=8,
                                 config_augment=_config())
+
+
+def test_bench_subcommand_tiny(capsys):
+  import json
+  from jaxssl.bench import __main__ as bench
+  code = bench.main(['augment', '--json', '--sizes', '8', '--batch', '4',
+                     '--batches', '1', '--repeats', '1'])
+  report = json.loads(capsys.readouterr().out)
+  assert code == 0 and report['ok']
+  (row,) = report['results']
+  assert row['size'] == 8 and row['blur'] and row['batch'] == 4
+  assert row['host_img_s'] > 0 and row['device_img_s'] > 0
+  assert row['ratio'] == pytest.approx(row['device_img_s'] / row['host_img_s'])
+  text = bench.augment.format_report(report)
+  assert 'tf.data img/s' in text and 'device img/s' in text
