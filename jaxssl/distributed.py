@@ -380,18 +380,21 @@ def exit_with_error(message: str) -> NoReturn:
                   publish=_ERROR + message.removeprefix('jaxssl: error: '))
 
 
-def exit_after_error(error: Exception) -> None:
+def exit_after_error(error: BaseException) -> None:
   """Ends a multi-process run after an unexpected error; else returns.
 
   A failed collective (a `JaxRuntimeError`) usually means that a peer died:
   the watchdog is given its timeout to name the peer and end the process.
-  Otherwise the traceback is printed and the peers are told.
+  Otherwise (any other exception, Ctrl-C) the traceback is printed and the
+  peers are told, rather than leaving them waiting in a collective.
 
   Args:
     error: the exception that ended the run in this process.
   """
   if _watchdog is None:
     return
+  if isinstance(error, KeyboardInterrupt):
+    exit_with_error('jaxssl: error: interrupted (Ctrl-C or SIGINT)')
   if isinstance(error, jax.errors.JaxRuntimeError):
     _watchdog.wait(_watchdog.timeout_seconds + 3 * _watchdog.interval)
   else:

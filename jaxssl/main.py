@@ -62,11 +62,12 @@ def _main(argv, mode=None) -> None:
   try:
     _run_mode(mode or _MODE.value)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    if verbose:
-      raise
-    distributed.exit_with_error(f'jaxssl: error: {e}')
-  except Exception as e:  # pylint: disable=broad-except
+    if not verbose:
+      distributed.exit_with_error(f'jaxssl: error: {e}')
     distributed.exit_after_error(e)  # multi-process: tell peers, stop
+    raise
+  except (Exception, KeyboardInterrupt) as e:  # pylint: disable=broad-except
+    distributed.exit_after_error(e)
     raise
   distributed.finish_distributed()
 

@@ -149,3 +149,32 @@ def test_peer_monitor_lets_finished_peers_go_and_reports_errors():
   reason = monitor.observe({'exit/1': 'left', 'exit/2': 'error: disk full'},
                            now=501.0)
   assert reason == 'process 2 of 3 stopped with an error: disk full'
+
+
+class _FakeWatchdog:
+  """Records what the process would tell its peers, then 'exits'."""
+
+  timeout_seconds, interval = 0, 0
+
+  def __init__(self):
+    self.published = []
+
+  def wait(self, seconds):
+    del seconds
+
+  def leave(self, message, *, publish):
+    self.published.append((message, publish))
+    raise SystemExit(1)
+
+
+@pytest.mark.parametrize('error, message', [
+    (KeyboardInterrupt(), 'interrupted (Ctrl-C or SIGINT)'),
+    (RuntimeError('disk full\ndetails'), 'RuntimeError: disk full'),
+])
+def test_exit_after_error_tells_the_peers(monkeypatch, error, message):
+  watchdog = _FakeWatchdog()
+  monkeypatch.setattr(distributed, '_watchdog', watchdog)
+  with pytest.raises(SystemExit):
+    distributed.exit_after_error(error)
+  assert watchdog.published == [(f'jaxssl: error: {message}',
+                                 f'error: {message}')]
