@@ -244,9 +244,7 @@ def _view_functions(plan: _Plan) -> Callable[..., tf.Tensor]:
 
 
 def _on_device(config) -> bool:
-  # TODO(lead): read config.augment.on_device directly once the hand-built
-  # augment dicts of tests/input_pipeline_test.py declare the key.
-  return bool(config.augment.get('on_device', False))
+  return bool(config.augment.on_device)
 
 
 def device_image(image: tf.Tensor, size: int) -> tf.Tensor:

@@ -24,7 +24,8 @@ def augment_config(**overrides) -> ml_collections.ConfigDict:
            color_jitter=(), color_prob=0.8, grayscale_prob=0.2,
            brightness='multiplicative', blur_prob=0.5, view_blur_probs=(),
            blur_sigma=(0.1, 2.0), view_solarize_probs=(), num_small_views=0,
-           small_image_size=96, small_crop_area=(0.05, 0.14))
+           small_image_size=96, small_crop_area=(0.05, 0.14),
+           on_device=False)
   c.update(overrides)
   return ml_collections.ConfigDict(c)
 

@@ -68,7 +68,8 @@ def make_config(data_dir='', **overrides) -> ml_collections.ConfigDict:
                  brightness='multiplicative', blur_prob=0.5,
                  view_blur_probs=(), blur_sigma=(0.1, 2.0),
                  view_solarize_probs=(), num_small_views=0,
-                 small_image_size=8, small_crop_area=(0.05, 0.14))
+                 small_image_size=8, small_crop_area=(0.05, 0.14),
+                 on_device=False)
   config = dict(seed=0, global_batch_size=8, dataset=dataset, augment=augment)
   for key, value in overrides.items():
     section, _, name = key.rpartition('.')

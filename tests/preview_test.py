@@ -30,7 +30,8 @@ def make_config(name='cifar10', image_size=32, num_views=2, image_folder=''):
                    brightness='multiplicative', blur_prob=0.5,
                    view_blur_probs=(), blur_sigma=(0.1, 2.0),
                    view_solarize_probs=(), num_small_views=0,
-                   small_image_size=16, small_crop_area=(0.05, 0.14))))
+                   small_image_size=16, small_crop_area=(0.05, 0.14),
+                   on_device=False)))
 
 
 def read_png(path) -> np.ndarray:
