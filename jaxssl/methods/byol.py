@@ -136,6 +136,7 @@ class BYOL(base.Method):
 
   @classmethod
   def validate_config(cls, config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first bad `byol`/`head`/view value."""
     base_ema = config.byol.base_ema
     if not 0.0 <= base_ema <= 1.0:
       raise ValueError(f'byol.base_ema={base_ema} must be in [0, 1]')
@@ -165,9 +166,16 @@ class BYOL(base.Method):
 
   @property
   def encoder(self) -> nn.Module:
+    """The online encoder module (`encoder_variables` are its params)."""
     return self._encoder
 
   def init(self, rng):
+    """Online and target variables from two keys split from `rng`.
+
+    Returns:
+      `(params, batch_stats, extra)`: the online network's, and `extra =
+      {'target_params', 'target_batch_stats'}` (encoder and projector).
+    """
     online_key, target_key = jax.random.split(rng)
     x = jnp.zeros((2, self.image_size, self.image_size, self.num_channels),
                   jnp.float32)
@@ -178,6 +186,21 @@ class BYOL(base.Method):
     return online['params'], online['batch_stats'], extra
 
   def loss_fn(self, params, batch_stats, extra, batch, rng, step):
+    """The symmetric BYOL loss; both networks in training mode.
+
+    Args:
+      params: online parameters (the only ones differentiated).
+      batch_stats: online BatchNorm averages.
+      extra: `{'target_params', 'target_batch_stats'}`.
+      batch: `{'views': ([global_batch, 2, H, W, C],), ...}`, sharded.
+      rng: unused (the views are made by the input pipeline).
+      step: updates applied so far, for the logged tau.
+
+    Returns:
+      `(loss, (batch_stats, extra, metrics))` with both networks' updated
+      BatchNorm averages and the loss, embedding_std,
+      target_online_agreement and tau monitors.
+    """
     del rng  # all randomness is in the host augmentations
     views = batch['views'][0]  # [N, 2, H, W, C]
     online, batch_stats = forward_views(self.net, params, batch_stats, views,
@@ -199,6 +222,16 @@ class BYOL(base.Method):
     return loss, (batch_stats, extra, metrics)
 
   def post_update(self, params, extra, step):
+    """`target <- tau target + (1 - tau) online` after the optimizer step.
+
+    Args:
+      params: the online parameters after this update.
+      extra: the target state; its BatchNorm averages are left as they are.
+      step: updates applied, this one included.
+
+    Returns:
+      `(params, extra)` with the moved target parameters.
+    """
     # `step` counts this update; the official tau uses the count before it.
     tau = self.tau_schedule(step - 1)
     target = extra['target_params']

@@ -55,6 +55,7 @@ class SimSiam(base.Method):
 
   @classmethod
   def validate_config(cls, config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first bad `simsiam`/`head`/view value."""
     byol.check_positive(config, 'simsiam', 'predictor_hidden_dim')
     if config.head.num_layers < 1:
       raise ValueError(f'head.num_layers={config.head.num_layers}; the '
@@ -81,15 +82,31 @@ class SimSiam(base.Method):
 
   @property
   def encoder(self) -> nn.Module:
+    """The encoder module (`encoder_variables` are its params)."""
     return self._encoder
 
   def init(self, rng):
+    """Returns `(params, batch_stats, {})`: SimSiam has no extra state."""
     x = jnp.zeros((2, self.image_size, self.image_size, self.num_channels),
                   jnp.float32)
     variables = self.net.init(rng, x, train=True)
     return variables['params'], variables['batch_stats'], {}
 
   def loss_fn(self, params, batch_stats, extra, batch, rng, step):
+    """The symmetric negative cosine with stop-gradient on the projections.
+
+    Args:
+      params: network parameters.
+      batch_stats: BatchNorm averages, updated once per view.
+      extra: `{}`, returned as is.
+      batch: `{'views': ([global_batch, 2, H, W, C],), ...}`, sharded.
+      rng: unused (the views are made by the input pipeline).
+      step: unused.
+
+    Returns:
+      `(loss, (batch_stats, extra, metrics))`; metrics: loss,
+      embedding_std, target_online_agreement and view_agreement.
+    """
     del rng, step  # all randomness is in the host augmentations
     outputs, batch_stats = byol.forward_views(
         self.net, params, batch_stats, batch['views'][0], predict=True)
