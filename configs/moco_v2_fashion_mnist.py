@@ -1,7 +1,9 @@
 """MoCo v2 on offline Fashion-MNIST on a CPU, then linear eval.
 
 python -m jaxssl.main --config=configs/moco_v2_fashion_mnist.py --workdir=workdirs/moco_v2_fmnist
-Expected: TBD
+Expected: about 88.3% linear-probe top-1, about 2.9 points above the same
+encoder at random init (85.4%); measured 88.29% in 12m53s on the 2-core
+CPU while it was shared with other jobs (docs/results.md).
 """
 
 from jaxssl import config_schema

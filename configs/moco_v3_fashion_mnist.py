@@ -1,7 +1,10 @@
 """MoCo v3 on offline Fashion-MNIST on a CPU, then linear eval.
 
 python -m jaxssl.main --config=configs/moco_v3_fashion_mnist.py --workdir=workdirs/moco_v3_fmnist
-Expected: TBD
+Expected: about 87.2% linear-probe top-1, about 1.9 points above the same
+encoder at random init (85.4%): short of the 2-point goal of issue 4;
+measured 87.24% in 18m38s on the 2-core CPU while it was shared with other
+jobs (docs/results.md).
 """
 
 from jaxssl import config_schema
