@@ -1,8 +1,9 @@
 """SwAV on offline Fashion-MNIST on a CPU, then linear eval.
 
 python -m jaxssl.main --config=configs/swav_fashion_mnist.py --workdir=workdirs/swav_fmnist
-Expected: linear-probe top-1 at least 2 points above the same encoder at
-random init (about 85.5%), in under 15 minutes on a 2-core CPU.
+Expected: about 87.5% linear-probe top-1, about 2.1 points above the same
+encoder at random init (85.4%); measured 87.54% in 14m08s on the 2-core CPU
+while it was shared with other jobs (docs/results.md).
 """
 
 from jaxssl import config_schema
