@@ -21,29 +21,22 @@ byol.base_ema = 0.99. The 100-epoch one: 0.45, 1e-6, 0.99.
 """
 
 from jaxssl import augment
+from jaxssl import config_presets
 from jaxssl import config_schema
 
 
 def get_config():
   c = config_schema.defaults('byol')
+  config_presets.imagenet_pod(c)
+
   c.global_batch_size = 4096
   c.num_epochs = 1000.0
-  c.log_every_steps = 100
   c.checkpoint_every_steps = 1251  # about 4 epochs
-  c.eval_after_training = False  # run --mode=eval separately on the pod
 
-  c.dataset.name = 'imagenet2012'
-  c.dataset.train_split = 'train'
-  c.dataset.eval_train_split = 'train'
-  c.dataset.eval_test_split = 'validation'
-  c.dataset.image_size = 224
   c.dataset.shuffle_buffer = 40_960
-  c.dataset.cache = False
 
   c.augment.update(augment.recipe_defaults('byol'))
 
-  c.model.encoder = 'resnet50'
-  c.model.width_multiplier = 1
   c.model.dtype = 'bfloat16'
   c.model.input_normalization = 'imagenet'
   # Haiku's BatchNorm defaults in the official ResNet: decay 0.9, eps 1e-5.

@@ -18,6 +18,7 @@ from groups of 32 images, as the official per-GPU batch on 8 GPUs:
 """
 
 from jaxssl import augment
+from jaxssl import config_presets
 from jaxssl import config_schema
 
 # Images per BatchNorm group: the official per-GPU batch (256 on 8 GPUs).
@@ -26,24 +27,16 @@ _PER_GROUP_BATCH = 32
 
 def get_config():
   c = config_schema.defaults('moco_v2')
+  config_presets.imagenet_pod(c)
+
   c.global_batch_size = 256
   c.num_epochs = 200.0
-  c.log_every_steps = 100
   c.checkpoint_every_steps = 5004  # 1 epoch
-  c.eval_after_training = False  # run --mode=eval separately on the pod
 
-  c.dataset.name = 'imagenet2012'
-  c.dataset.train_split = 'train'
-  c.dataset.eval_train_split = 'train'
-  c.dataset.eval_test_split = 'validation'
-  c.dataset.image_size = 224
   c.dataset.shuffle_buffer = 10_000
-  c.dataset.cache = False
 
   c.augment.update(augment.recipe_defaults('moco_v2'))
 
-  c.model.encoder = 'resnet50'
-  c.model.width_multiplier = 1
   c.model.dtype = 'float32'  # the official run is fp32
   c.model.input_normalization = 'imagenet'
   c.model.zero_init_residual = False  # torchvision's default in moco

@@ -16,45 +16,19 @@ Fashion-MNIST within this CPU budget (docs/results.md):
   (images <= 32 px, as SimCLR's CIFAR recipe), 2-layer projection head.
 """
 
+from jaxssl import config_presets
 from jaxssl import config_schema
 
 
 def get_config():
   c = config_schema.defaults('simclr')
-  c.global_batch_size = 256
+  config_presets.fashion_mnist_cpu(c)
+
   c.num_epochs = 2.5
-  c.log_every_steps = 50
-  c.checkpoint_every_steps = 200
-  c.eval_after_training = True
-
-  c.dataset.name = 'fashion_mnist'
-  c.dataset.train_split = 'train'
-  c.dataset.eval_train_split = 'train'
-  c.dataset.eval_test_split = 'test'
-  c.dataset.image_size = 28
-  c.dataset.shuffle_buffer = 60_000  # the whole split: a full shuffle
-  c.dataset.cache = True
-
-  c.augment.color_strength = 0.5
-  c.augment.blur_prob = 0.0
-
-  c.model.encoder = 'small_cnn'
 
   c.head.num_layers = 2
   c.head.hidden_dim = 0  # = 256, the encoder's feature dimension
   c.head.output_dim = 128
 
-  c.optim.name = 'adamw'
-  c.optim.base_learning_rate = 1e-3
-  c.optim.lr_scaling = 'linear'
-  c.optim.weight_decay = 1e-6
-  c.optim.warmup_epochs = 0.25
-
   c.simclr.temperature = 0.2
-
-  c.linear_eval.num_epochs = 100
-  c.linear_eval.batch_size = 512
-  c.linear_eval.base_learning_rate = 0.05  # x 512/256 = 0.1
-  c.linear_eval.weight_decay = 0.0
-  c.linear_eval.feature_batch_size = 1024
   return c

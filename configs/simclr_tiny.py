@@ -5,32 +5,13 @@ Expected: finishes in about a minute; the numbers mean nothing (8 steps of a
 2-layer CNN on 2,048 Fashion-MNIST images), only that every stage runs.
 """
 
+from jaxssl import config_presets
 from jaxssl import config_schema
 
 
 def get_config():
   c = config_schema.defaults('simclr')
-  c.global_batch_size = 32
-  c.num_epochs = 1.0
-  c.num_train_steps = 8
-  c.log_every_steps = 2
-  c.checkpoint_every_steps = 4
-  c.keep_checkpoints = 2
-  c.eval_after_training = True
-
-  c.dataset.name = 'fashion_mnist'
-  c.dataset.train_split = 'train[:2048]'
-  c.dataset.eval_train_split = 'train[:1024]'
-  c.dataset.eval_test_split = 'test[:512]'
-  c.dataset.image_size = 16
-  c.dataset.shuffle_buffer = 512
-  c.dataset.cache = True
-
-  c.augment.color_strength = 0.5
-  c.augment.blur_prob = 0.0
-
-  c.model.encoder = 'tiny_cnn'
-  c.model.dtype = 'float32'
+  config_presets.fashion_mnist_tiny(c)
 
   c.head.num_layers = 2
   c.head.hidden_dim = 32
@@ -42,9 +23,4 @@ def get_config():
   c.optim.warmup_epochs = 0.0
 
   c.simclr.temperature = 0.5
-
-  c.linear_eval.num_epochs = 5
-  c.linear_eval.batch_size = 256
-  c.linear_eval.base_learning_rate = 0.1
-  c.linear_eval.feature_batch_size = 256
   return c

@@ -11,30 +11,23 @@ README uses 1e-4), temperature 0.1, 10 warmup epochs then cosine to 0,
 3-layer projection head, global BatchNorm, colour strength 1.0, blur p=0.5.
 """
 
+from jaxssl import config_presets
 from jaxssl import config_schema
 
 
 def get_config():
   c = config_schema.defaults('simclr')
+  config_presets.imagenet_pod(c)
+
   c.global_batch_size = 4096
   c.num_epochs = 100.0
-  c.log_every_steps = 100
   c.checkpoint_every_steps = 1251  # about 4 epochs
-  c.eval_after_training = False  # run --mode=eval separately on the pod
 
-  c.dataset.name = 'imagenet2012'
-  c.dataset.train_split = 'train'
-  c.dataset.eval_train_split = 'train'
-  c.dataset.eval_test_split = 'validation'
-  c.dataset.image_size = 224
   c.dataset.shuffle_buffer = 40_960  # 10 x the global batch, as SimCLR
-  c.dataset.cache = False
 
   c.augment.color_strength = 1.0
   c.augment.blur_prob = 0.5
 
-  c.model.encoder = 'resnet50'
-  c.model.width_multiplier = 1
   c.model.dtype = 'bfloat16'
 
   c.head.num_layers = 3

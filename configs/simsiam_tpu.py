@@ -18,29 +18,22 @@ with the rest (docs/methods.md; the paper's Table 1 has both settings).
 """
 
 from jaxssl import augment
+from jaxssl import config_presets
 from jaxssl import config_schema
 
 
 def get_config():
   c = config_schema.defaults('simsiam')
+  config_presets.imagenet_pod(c)
+
   c.global_batch_size = 512
   c.num_epochs = 100.0
-  c.log_every_steps = 100
   c.checkpoint_every_steps = 5004  # about 2 epochs
-  c.eval_after_training = False  # run --mode=eval separately on the pod
 
-  c.dataset.name = 'imagenet2012'
-  c.dataset.train_split = 'train'
-  c.dataset.eval_train_split = 'train'
-  c.dataset.eval_test_split = 'validation'
-  c.dataset.image_size = 224
   c.dataset.shuffle_buffer = 10_000
-  c.dataset.cache = False
 
   c.augment.update(augment.recipe_defaults('moco_v2'))
 
-  c.model.encoder = 'resnet50'
-  c.model.width_multiplier = 1
   c.model.dtype = 'bfloat16'
   c.model.input_normalization = 'imagenet'
   # torch BatchNorm: running = 0.9 running + 0.1 batch, eps 1e-5.

@@ -8,39 +8,22 @@ frozen prototypes for 2 steps, a 64-row queue that starts at once and is
 in use from step 3 on, export and linear evaluation.
 """
 
+from jaxssl import config_presets
 from jaxssl import config_schema
 
 
 def get_config():
   c = config_schema.defaults('swav')
-  c.global_batch_size = 32
-  c.num_epochs = 1.0
-  c.num_train_steps = 8
-  c.log_every_steps = 2
-  c.checkpoint_every_steps = 4
-  c.keep_checkpoints = 2
-  c.eval_after_training = True
-
-  c.dataset.name = 'fashion_mnist'
-  c.dataset.train_split = 'train[:2048]'
-  c.dataset.eval_train_split = 'train[:1024]'
-  c.dataset.eval_test_split = 'test[:512]'
-  c.dataset.image_size = 16
-  c.dataset.shuffle_buffer = 512
-  c.dataset.cache = True
+  config_presets.fashion_mnist_tiny(c)
 
   c.augment.recipe = 'swav'
   c.augment.crop_sampler = 'torchvision'
   c.augment.resize_method = 'bilinear'
   c.augment.crop_area = (0.14, 1.0)
-  c.augment.color_strength = 0.5
-  c.augment.blur_prob = 0.0
   c.augment.num_small_views = 2  # multi-crop: 2 x 16 px + 2 x 8 px
   c.augment.small_image_size = 8
   c.augment.small_crop_area = (0.05, 0.14)
 
-  c.model.encoder = 'tiny_cnn'
-  c.model.dtype = 'float32'
   c.model.zero_init_residual = False
   c.model.input_normalization = 'swav'
 
@@ -61,9 +44,4 @@ def get_config():
   c.swav.freeze_prototypes_niters = 2
   c.swav.queue_length = 64  # two global batches
   c.swav.epoch_queue_starts = 0.0
-
-  c.linear_eval.num_epochs = 5
-  c.linear_eval.batch_size = 256
-  c.linear_eval.base_learning_rate = 0.1
-  c.linear_eval.feature_batch_size = 256
   return c

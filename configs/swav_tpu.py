@@ -28,24 +28,19 @@ weight decay 1e-6, no Nesterov; it trains on precomputed centre-crop
 features, where the official one augments with random crops.
 """
 
+from jaxssl import config_presets
 from jaxssl import config_schema
 
 
 def get_config():
   c = config_schema.defaults('swav')
+  config_presets.imagenet_pod(c)
+
   c.global_batch_size = 4096
   c.num_epochs = 800.0
-  c.log_every_steps = 100
   c.checkpoint_every_steps = 1248  # about 4 epochs of 312 steps
-  c.eval_after_training = False  # run --mode=eval separately on the pod
 
-  c.dataset.name = 'imagenet2012'
-  c.dataset.train_split = 'train'
-  c.dataset.eval_train_split = 'train'
-  c.dataset.eval_test_split = 'validation'
-  c.dataset.image_size = 224
   c.dataset.shuffle_buffer = 40_960
-  c.dataset.cache = False
 
   c.augment.recipe = 'swav'
   c.augment.num_views = 2
@@ -65,8 +60,6 @@ def get_config():
   c.augment.small_image_size = 96
   c.augment.small_crop_area = (0.05, 0.14)
 
-  c.model.encoder = 'resnet50'
-  c.model.width_multiplier = 1
   c.model.dtype = 'bfloat16'
   c.model.zero_init_residual = False  # src/resnet50.py default
   c.model.input_normalization = 'swav'
