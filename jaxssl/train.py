@@ -47,13 +47,20 @@ def total_train_steps(config: ml_collections.ConfigDict,
 
 
 def setup(config: ml_collections.ConfigDict,
-          mesh: jax.sharding.Mesh | None = None) -> Setup:
-  """Validates the config and builds everything a run needs, uncompiled."""
+          mesh: jax.sharding.Mesh | None = None,
+          info: datasets.DatasetInfo | None = None) -> Setup:
+  """Validates the config and builds everything a run needs, uncompiled.
+
+  `info` gives the dataset facts (split size, classes, image shape); by
+  default they are read from the dataset. The benchmarks pass facts of
+  synthetic data instead (`jaxssl.bench.harness.synthetic_info`).
+  """
   config_schema.validate(config)
   mesh = parallel.make_mesh() if mesh is None else mesh
   parallel.check_batch_divides(config.global_batch_size, mesh,
                                jax.process_count())
-  info = datasets.dataset_info(config.dataset)
+  if info is None:
+    info = datasets.dataset_info(config.dataset)
   steps_per_epoch = input_pipeline.steps_per_epoch(
       config, info.num_train_examples)
   total_steps = total_train_steps(config, steps_per_epoch)

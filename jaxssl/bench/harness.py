@@ -84,6 +84,7 @@ def synthetic_info(config):
   if builder.info.splits:  # Prepared here: its real size.
     examples = datasets.split_num_examples(builder,
                                            config.dataset.train_split)
+  examples = max(examples, config.global_batch_size)  # >= 1 step per epoch
   return datasets.DatasetInfo(name, examples,
                               features[label_key].num_classes,
                               tuple(features[image_key].shape))
@@ -96,31 +97,8 @@ def synthetic_setup(config, mesh):
   output shardings included) as the trainer's; tests/bench_test.py checks
   that both lower to the same program.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  # pylint: disable=g-import-not-at-top
-  from jaxssl import input_pipeline, methods, optim, parallel, steps, train
-  # pylint: enable=g-import-not-at-top
-  parallel.check_batch_divides(config.global_batch_size, mesh,
-                               jax.process_count())
-  info = synthetic_info(config)
-  steps_per_epoch = max(1, input_pipeline.steps_per_epoch(
-      config, info.num_train_examples))
-  total_steps = train.total_train_steps(config, steps_per_epoch)
-  method = methods.get_method_class(config.method)(
-      config, mesh=mesh, num_channels=info.image_shape[-1],
-      steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  schedule = optim.make_schedule(
-      config.optim, global_batch_size=config.global_batch_size,
-      steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  optimizer = optim.make_optimizer(config.optim, schedule)
-  replicated = parallel.replicated(mesh)
-  init_fn = jax.jit(steps.make_init_fn(method, optimizer, config.seed),
-                    out_shardings=replicated)
-  train_step = jax.jit(steps.make_train_step(method, optimizer, schedule),
-                       donate_argnames='state',
-                       out_shardings=(replicated, replicated))
-  return train.Setup(config, mesh, info, method, steps_per_epoch,
-                     total_steps, init_fn, train_step)
+  from jaxssl import train  # pylint: disable=g-import-not-at-top
+  return train.setup(config, mesh, info=synthetic_info(config))
 
 
 def synthetic_batch(config, num_channels: int, mesh, seed: int = 0) -> dict:
