@@ -171,6 +171,29 @@ def test_auto_off_cpu_is_exactly_xla(monkeypatch):
   assert 'dot_general' not in xla_jaxpr
 
 
+@pytest.mark.parametrize('impl,local_devices,backend,expected', [
+    ('auto', 1, 'cpu', 'auto'),   # one CPU device: the matmul products
+    ('auto', 8, 'cpu', 'xla'),    # simulated devices sharing the cores
+    ('auto', 8, 'gpu', 'auto'),   # elsewhere 'auto' is already 'xla'
+    ('im2col', 8, 'cpu', 'im2col'),  # an explicit choice is kept
+    ('xla', 1, 'cpu', 'xla'),
+])
+def test_impl_for_devices(monkeypatch, impl, local_devices, backend,
+                          expected):
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  assert fastconv.impl_for_devices(impl, local_devices) == expected
+
+
+@pytest.mark.parametrize('impl,local_devices,message', [
+    ('cudnn', 1, "unknown conv impl 'cudnn'; known: auto, im2col, xla"),
+    ('auto', 0, 'local_devices=0 must be an int >= 1'),
+    ('auto', True, 'local_devices=True must be an int >= 1'),
+])
+def test_impl_for_devices_bad_arguments(impl, local_devices, message):
+  with pytest.raises(ValueError, match=message):
+    fastconv.impl_for_devices(impl, local_devices)
+
+
 @pytest.mark.parametrize('impl', ['im2col', 'auto'])
 @pytest.mark.parametrize('kernel_size,cout', [(3, 4), (3, 40)])
 def test_bfloat16_rounds_a_float32_accumulation(impl, kernel_size, cout):

@@ -126,3 +126,15 @@ def test_embedding_std_detects_collapse():
   collapsed = jnp.ones((512, 16))
   np.testing.assert_allclose(simclr.embedding_std(spread), 1 / 4, rtol=0.1)
   assert simclr.embedding_std(collapsed) < 1e-6
+
+
+def test_encoder_convs_follow_the_device_count_of_this_process(
+    mesh1, mesh8, monkeypatch):
+  # conv_impl='auto' on CPU: XLA's convs in this 8-device process, for the
+  # 8-device mesh and its 1-device twin alike; matmul products when the
+  # process has one device.
+  (_, m1), (_, m8) = _method(mesh1), _method(mesh8)
+  assert m1.config.model.conv_impl == m8.config.model.conv_impl == 'auto'
+  assert m1.net.encoder.conv_impl == m8.net.encoder.conv_impl == 'xla'
+  monkeypatch.setattr(jax, 'local_device_count', lambda: 1)
+  assert _method(mesh1)[1].net.encoder.conv_impl == 'auto'

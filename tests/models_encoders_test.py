@@ -419,3 +419,11 @@ def test_heads_and_encoders_compose_under_bfloat16():
   out = jax.eval_shape(lambda v, x: model.apply(
       v, x, train=True, mutable=['batch_stats'])[0], variables, x)
   assert out.shape == (4, 4) and out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize('local_devices,expected', [(1, 'auto'), (8, 'xla')])
+def test_auto_conv_impl_follows_local_devices(local_devices, expected):
+  # conftest gives this process 8 CPU devices; the mesh's share decides.
+  encoder = models.make_encoder(_config(encoder='small_cnn'), image_size=28,
+                                local_devices=local_devices)
+  assert encoder.conv_impl == expected

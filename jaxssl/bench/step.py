@@ -92,6 +92,7 @@ def prepare(case: dict):
   """
   import jax  # pylint: disable=g-import-not-at-top
   from jaxssl import parallel  # pylint: disable=g-import-not-at-top
+  from jaxssl.models import fastconv  # pylint: disable=g-import-not-at-top
   config = harness.load_config(case['config'], batch=case['batch'],
                                overrides=case['set'], conv_impl=case['impl'])
   if jax.device_count() < case['devices']:
@@ -106,7 +107,9 @@ def prepare(case: dict):
            'global_batch_size': config.global_batch_size,
            'views_per_image': config.augment.num_views,
            'image_shape': [config.dataset.image_size] * 2 + [channels],
-           'encoder': config.model.encoder, 'dtype': config.model.dtype}
+           'encoder': config.model.encoder, 'dtype': config.model.dtype,
+           'conv_impl_resolved': fastconv.impl_for_devices(
+               config.model.conv_impl, jax.local_device_count())}
   state = s.init_fn()
   batch = harness.synthetic_batch(config, channels, mesh)
   start = time.perf_counter()
@@ -247,8 +250,11 @@ def _percent(c: dict, key: str) -> str:
 
 
 def _case_row(c: dict) -> str:
+  conv = c['impl']
+  if c.get('conv_impl_resolved', conv) != conv:
+    conv = f'{conv} (= {c["conv_impl_resolved"]})'
   head = (f'| {c.get("global_batch_size", c["batch"])} | {c["devices"]} | '
-          f'{c["impl"]} |')
+          f'{conv} |')
   if c['status'] != 'ok':
     return f'{head} {c["status"]}: {c.get("reason", "")} |'
   flops = (f'{_gflop(c["model_flops"])} | {_gflop(c["analytic_flops"])} |')

@@ -15,6 +15,8 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
+from jaxssl import models
+
 PyTree = Any
 Metrics = dict[str, jax.Array]
 
@@ -48,6 +50,18 @@ class Method(abc.ABC):
     self.image_size = config.dataset.image_size
     self.steps_per_epoch = steps_per_epoch
     self.total_steps = total_steps
+
+  def make_encoder(self, *, bn_groups: int = 1):
+    """`models.make_encoder` for this run's images and this process.
+
+    The process's device count, not the mesh's, picks the convolution of
+    `conv_impl='auto'`: simulated devices share the cores whichever of them
+    the mesh uses, and a 1-device twin of an 8-device run then computes
+    with the same convolution.
+    """
+    return models.make_encoder(
+        self.config.model, image_size=self.image_size, bn_groups=bn_groups,
+        local_devices=jax.local_device_count())
 
   @classmethod
   @abc.abstractmethod

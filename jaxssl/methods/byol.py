@@ -148,8 +148,7 @@ class BYOL(base.Method):
 
   def __init__(self, config, **kwargs):
     super().__init__(config, **kwargs)
-    self._encoder = models.make_encoder(config.model,
-                                        image_size=self.image_size)
+    self._encoder = self.make_encoder()
     mlp = dict(dtype=models.compute_dtype(config.model),
                bn_momentum=config.model.bn_momentum,
                bn_epsilon=config.model.bn_epsilon,

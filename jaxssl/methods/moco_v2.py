@@ -94,9 +94,7 @@ class MoCoV2(base.Method):
     self.bn_groups = momentum.resolve_bn_groups(
         config.moco_v2.bn_groups, self.mesh, config.global_batch_size,
         'moco_v2.bn_groups')
-    self._encoder = models.make_encoder(config.model,
-                                        image_size=self.image_size,
-                                        bn_groups=self.bn_groups)
+    self._encoder = self.make_encoder(bn_groups=self.bn_groups)
     hidden = config.head.hidden_dim or models.feature_dim(config.model)
     projector = heads.MLPHead(
         hidden_dim=hidden, output_dim=config.head.output_dim,

@@ -87,8 +87,7 @@ class MoCoV3(base.Method):
   def __init__(self, config, **kwargs):
     super().__init__(config, **kwargs)
     cfg = config.moco_v3
-    self._encoder = models.make_encoder(config.model,
-                                        image_size=self.image_size)
+    self._encoder = self.make_encoder()
     mlp = functools.partial(
         heads.MLPHead, hidden_bias=False, output_bias=False,
         dtype=models.compute_dtype(config.model),

@@ -85,8 +85,7 @@ class SimCLR(base.Method):
 
   def __init__(self, config, **kwargs):
     super().__init__(config, **kwargs)
-    self._encoder = models.make_encoder(config.model,
-                                        image_size=self.image_size)
+    self._encoder = self.make_encoder()
     hidden = config.head.hidden_dim or models.feature_dim(config.model)
     self.net = SimCLRNet(
         encoder=self._encoder,

@@ -200,9 +200,7 @@ class SwAV(base.Method):
     bn = dict(bn_momentum=config.model.bn_momentum,
               bn_epsilon=config.model.bn_epsilon, bn_groups=self.bn_groups,
               dtype=dtype)
-    self._encoder = models.make_encoder(config.model,
-                                        image_size=self.image_size,
-                                        bn_groups=self.bn_groups)
+    self._encoder = self.make_encoder(bn_groups=self.bn_groups)
     hidden = config.head.hidden_dim or models.feature_dim(config.model)
     self.net = SwAVNet(
         encoder=self._encoder,

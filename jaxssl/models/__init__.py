@@ -12,7 +12,9 @@ features `[B, feature_dim(config.model)]`. Config keys read:
   bn_momentum        BatchNorm running-average decay (0.9)
   bn_epsilon         BatchNorm epsilon (1e-5)
   zero_init_residual gamma = 0 in the last BN of each residual block; ResNets
-  conv_impl          'auto' | 'im2col' | 'xla' (see `fastconv.conv2d`)
+  conv_impl          'auto' | 'im2col' | 'xla' (see `fastconv.conv2d`;
+                     'auto' is 'xla' for several CPU devices in a process,
+                     `fastconv.impl_for_devices`)
   input_normalization 'none' | 'imagenet' | 'swav': (x - mean) / std as the
                      encoder's first op (`INPUT_NORMALIZATIONS`)
 
@@ -144,7 +146,7 @@ class NormalizedEncoder(nn.Module):
 
 
 def make_encoder(model_config: ml_collections.ConfigDict, *, image_size: int,
-                 bn_groups: int = 1) -> nn.Module:
+                 bn_groups: int = 1, local_devices: int = 1) -> nn.Module:
   """Builds the encoder named by `model_config.encoder`.
 
   Args:
@@ -155,6 +157,9 @@ def make_encoder(model_config: ml_collections.ConfigDict, *, image_size: int,
     bn_groups: BatchNorm statistics groups; 1 = global batch statistics,
       G = separate statistics for G contiguous slices of the batch (MoCo v2
       shuffle-BN with G = devices, SwAV per-node BN).
+    local_devices: `jax.local_device_count()` of the training process;
+      picks the convolution of `conv_impl='auto'`
+      (`fastconv.impl_for_devices`).
 
   Returns:
     An unbound Linen module; `encoder(x, train)` maps `[B, H, W, C]` float
@@ -174,6 +179,10 @@ def make_encoder(model_config: ml_collections.ConfigDict, *, image_size: int,
     cifar_stem = image_size <= CIFAR_STEM_MAX_IMAGE_SIZE
   else:
     cifar_stem = model_config.stem == 'cifar'
+  conv_impl = fastconv.impl_for_devices(model_config.conv_impl, local_devices)
+  if conv_impl != model_config.conv_impl:
+    model_config = ml_collections.ConfigDict(model_config.to_dict())
+    model_config.conv_impl = conv_impl
   encoder = ENCODERS[model_config.encoder](
       model_config, cifar_stem=cifar_stem, bn_groups=bn_groups)
   if image_size < encoder.min_image_size:

@@ -24,6 +24,8 @@ Implementations (`impl`):
     kh*kw*Cin <= Cout) and as XLA convolutions otherwise: the fastest
     combination measured (docs/benchmarks.md). On every other backend
     'auto' is exactly 'xla', so TPU and GPU programs are untouched.
+    Encoders in a CPU process with several devices (simulated devices
+    sharing the cores) take 'xla' instead (`impl_for_devices`).
 
 Memory: the patches are kh*kw times the input activation (9x for 3x3), and
 `dy @ W^T` is as large. Neither is kept between forward and backward (the
@@ -262,6 +264,32 @@ def _resolve_impl(impl: str) -> str:
     raise ValueError(f"unknown conv impl {impl!r}; known: {', '.join(IMPLS)}")
   if impl == 'auto':
     return 'auto-cpu' if jax.default_backend() == 'cpu' else 'xla'
+  return impl
+
+
+def impl_for_devices(impl: str, local_devices: int) -> str:
+  """The `impl` an encoder on `local_devices` devices of this process uses.
+
+  'auto' becomes 'xla' on a CPU backend with more than one device in this
+  process: such devices share the host's cores, and 8
+  simulated devices ran the quickstart step 2.03x slower than 1 with the
+  matmul products but 0.51x with XLA's convolutions (docs/benchmarks.md).
+  Every other case returns `impl` unchanged.
+
+  Args:
+    impl: a name in `IMPLS`.
+    local_devices: `jax.local_device_count()` (>= 1).
+
+  Returns:
+    'xla' or `impl`.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"unknown conv impl {impl!r}; known: {', '.join(IMPLS)}")
+  if isinstance(local_devices, bool) or not isinstance(local_devices, int) or (
+      local_devices < 1):
+    raise ValueError(f'local_devices={local_devices!r} must be an int >= 1')
+  if impl == 'auto' and local_devices > 1 and jax.default_backend() == 'cpu':
+    return 'xla'
   return impl
 
 
