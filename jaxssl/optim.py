@@ -216,7 +216,9 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
 
 
 def make_optimizer(optim_config,
-                   schedule: optax.ScalarOrSchedule
+                   schedule: optax.ScalarOrSchedule, *,
+                   fixed_lr_mask: Callable[[PyTree], PyTree] | None = None,
+                   fixed_lr: float = 0.0
                    ) -> optax.GradientTransformation:
   """Returns the optax optimizer of a recipe, with its exclusion masks.
 
@@ -230,10 +232,17 @@ def make_optimizer(optim_config,
   'sgd' is `g += wd * p; mu = m * mu + g; p -= lr * mu` (optionally
   Nesterov); 'adamw' decays included leaves only.
 
+  With `fixed_lr_mask`, the leaves it marks True follow the same rule at the
+  constant `fixed_lr` instead of `schedule`, with their own state
+  (`optax.multi_transform`): SimSiam's `--fix-pred-lr`.
+
   Args:
     optim_config: `config.optim` (see the module docstring).
     schedule: learning rate, a float or an `optax.Schedule` such as
       `make_schedule(...)`.
+    fixed_lr_mask: `params -> bool pytree` of the leaves kept at `fixed_lr`,
+      or None (every leaf follows `schedule`).
+    fixed_lr: their learning rate (> 0), e.g. `peak_learning_rate(...)`.
 
   Returns:
     An `optax.GradientTransformation` over a params pytree.
@@ -252,7 +261,18 @@ def make_optimizer(optim_config,
     raise ValueError(f'weight_decay={cfg.weight_decay} must be >= 0')
   if not 0 <= cfg.momentum < 1:
     raise ValueError(f'momentum={cfg.momentum} must be in [0, 1)')
-  return build(cfg, schedule, include)
+  if fixed_lr_mask is None:
+    return build(cfg, schedule, include)
+  if not fixed_lr > 0:
+    raise ValueError(f'fixed_lr={fixed_lr} must be > 0 with a fixed_lr_mask')
+
+  def labels(params):
+    return jax.tree.map(lambda fixed: 'fixed' if fixed else 'scheduled',
+                        fixed_lr_mask(params))
+
+  return optax.multi_transform({'scheduled': build(cfg, schedule, include),
+                                'fixed': build(cfg, fixed_lr, include)},
+                               labels)
 
 
 def ema_update(target: PyTree, online: PyTree, tau) -> PyTree:

@@ -70,7 +70,10 @@ def setup(config: ml_collections.ConfigDict,
   schedule = optim.make_schedule(
       config.optim, global_batch_size=config.global_batch_size,
       steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  optimizer = optim.make_optimizer(config.optim, schedule)
+  optimizer = optim.make_optimizer(
+      config.optim, schedule, fixed_lr_mask=method.fixed_lr_mask,
+      fixed_lr=optim.peak_learning_rate(config.optim,
+                                        config.global_batch_size))
   replicated = parallel.replicated(mesh)
   init_fn = jax.jit(steps.make_init_fn(method, optimizer, config.seed),
                     out_shardings=replicated)

@@ -223,3 +223,40 @@ def test_validate_config(overrides, match):
   with pytest.raises(ValueError, match=match):
     methods.get_method_class('simsiam').validate_config(
         load_config('simsiam_tiny', **overrides))
+
+
+@pytest.mark.parametrize('fix', [True, False])
+def test_fixed_lr_mask_marks_exactly_the_predictor(mesh1, fix):
+  _, method = _method(mesh1, **{'simsiam.fix_predictor_lr': fix})
+  if not fix:
+    assert method.fixed_lr_mask is None
+    return
+  params = method.init(jax.random.key(0))[0]
+  mask = method.fixed_lr_mask(params)
+  marked = {'/'.join(str(getattr(k, 'key', k)) for k in path)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(mask)
+            if leaf}
+  assert marked and all(name.startswith('predictor/') for name in marked)
+  predictor_leaves = len(jax.tree.leaves(params['predictor']))
+  assert len(marked) == predictor_leaves
+
+
+@pytest.mark.parametrize('fix', [True, False])
+def test_predictor_keeps_the_peak_rate_in_the_trainer(tiny, mesh1, fix):
+  # The first step of a warmup from 0 has the scheduled rate 0: only the
+  # predictor, at the fixed peak rate, moves (and only with the option).
+  steps_per_epoch = train.setup(tiny(), mesh1).steps_per_epoch
+  config = tiny(**{'num_train_steps': 4, 'optim.schedule': 'warmup_cosine',
+                   'optim.warmup_start_lr': 0.0,
+                   'optim.warmup_epochs': 2 / steps_per_epoch,
+                   'simsiam.fix_predictor_lr': fix})
+  s, history = _run_steps(config, mesh1, 1)
+  old, new, metrics = history[0]
+  assert metrics['learning_rate'] == 0.0
+  for name in ('encoder', 'projector', 'predictor'):
+    moved = [not np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(old.params[name]), jax.tree.leaves(new.params[name]))]
+    if fix and name == 'predictor':
+      assert all(moved), name
+    else:
+      assert not any(moved), name

@@ -172,8 +172,8 @@ def _reference_run(cfg, params, grads):
   return params
 
 
-def _optax_run(cfg, params, grads):
-  opt = optim.make_optimizer(cfg, _schedule)
+def _optax_run(cfg, params, grads, schedule=_schedule, **kwargs):
+  opt = optim.make_optimizer(cfg, schedule, **kwargs)
   tree = _nest(params)
   state = opt.init(tree)
   update = jax.jit(opt.update)
@@ -210,6 +210,44 @@ def test_matches_official_update_rule(overrides):
   for name in expected:
     np.testing.assert_allclose(actual[name], expected[name], rtol=1e-10,
                                atol=1e-14, err_msg=name)
+
+
+FIXED_MODULES = ('head', 'bn')  # 1-D leaves: excluded by some rules, not all
+
+
+def _fixed_mask(tree):
+  return {module: jax.tree.map(lambda _: module in FIXED_MODULES, leaves)
+          for module, leaves in tree.items()}
+
+
+@pytest.mark.parametrize('overrides', [
+    pytest.param(dict(name='sgd', exclude='none'), id='simsiam-sgd'),
+    pytest.param(dict(lars_variant='after', exclude='ndim'), id='lars-after'),
+    pytest.param(dict(name='adamw', exclude='none'), id='adamw')])
+def test_fixed_lr_leaves_follow_the_constant_rate(overrides):
+  # SimSiam's --fix-pred-lr: marked leaves are updated exactly as a run at
+  # the constant rate would update them, the rest as the scheduled run.
+  cfg = _config(**overrides)
+  params, grads = _problem()
+  with jax.enable_x64(True):
+    scheduled = _optax_run(cfg, params, grads)
+    constant = _optax_run(cfg, params, grads, schedule=0.7)
+    split = _optax_run(cfg, params, grads, fixed_lr_mask=_fixed_mask,
+                       fixed_lr=0.7)
+  assert split.keys() == scheduled.keys()
+  for name in split:
+    fixed = name.split('/')[0] in FIXED_MODULES
+    expected = (constant if fixed else scheduled)[name]
+    np.testing.assert_allclose(split[name], expected, rtol=1e-12, atol=0,
+                               err_msg=name)
+  # The two rates really differ on this problem.
+  assert not np.allclose(constant['head/gain'], scheduled['head/gain'])
+
+
+def test_fixed_lr_must_be_positive():
+  with pytest.raises(ValueError, match=r'^fixed_lr=0.0 must be > 0 with a '
+                     r'fixed_lr_mask$'):
+    optim.make_optimizer(_config(), 0.1, fixed_lr_mask=_fixed_mask)
 
 
 def test_lr_inside_and_after_momentum_differ_on_the_test_problem():

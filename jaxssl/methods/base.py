@@ -63,6 +63,13 @@ class Method(abc.ABC):
         self.config.model, image_size=self.image_size, bn_groups=bn_groups,
         local_devices=jax.local_device_count())
 
+  @property
+  def fixed_lr_mask(self):
+    """None, or `params -> bool pytree` of the leaves the optimizer keeps
+    at the peak learning rate instead of the schedule (SimSiam's
+    `--fix-pred-lr`); see `optim.make_optimizer`."""
+    return None
+
   @classmethod
   @abc.abstractmethod
   def default_config(cls) -> ml_collections.ConfigDict:

@@ -12,11 +12,10 @@ Semantics follow facebookresearch/simsiam (`simsiam/builder.py`,
 - loss `-(cos(p1, sg z2) + cos(p2, sg z1)) / 2` (`losses.simsiam_loss`);
 - no extra state and no post-update rule.
 
-Difference from the official code: the official README recipe keeps the
-predictor at the initial learning rate (`--fix-pred-lr`) while the rest
-follows the cosine schedule; `jaxssl.optim` has one schedule for all
-parameters, so here the predictor decays with the rest (the paper's Table 1
-reports this setting too, slightly below the fixed-LR one).
+- `simsiam.fix_predictor_lr` (default True, the official README recipe's
+  `--fix-pred-lr`): the predictor keeps the peak learning rate while the
+  rest follows the schedule; False lets it decay with the rest (the paper's
+  Table 1 reports both, the decaying one slightly below).
 
 References:
   Chen & He, Exploring Simple Siamese Representation Learning, CVPR 2021.
@@ -51,6 +50,7 @@ class SimSiam(base.Method):
     """
     c = ml_collections.ConfigDict()
     c.predictor_hidden_dim = 512  # the bottleneck (official `--pred-dim`)
+    c.fix_predictor_lr = True  # official `--fix-pred-lr`
     return c
 
   @classmethod
@@ -78,6 +78,18 @@ class SimSiam(base.Method):
                                 last_bn=True, last_bn_affine=False, **mlp),
         predictor=heads.MLPHead(config.simsiam.predictor_hidden_dim, dim,
                                 output_bias=True, **mlp))
+
+  @property
+  def fixed_lr_mask(self):
+    """The predictor's leaves, with `simsiam.fix_predictor_lr`; else None."""
+    if not self.config.simsiam.fix_predictor_lr:
+      return None
+
+    def mask(params):
+      return {name: jax.tree.map(lambda _: name == 'predictor', tree)
+              for name, tree in params.items()}
+
+    return mask
 
   @property
   def encoder(self) -> nn.Module:
