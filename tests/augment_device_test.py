@@ -342,3 +342,21 @@ def test_bench_subcommand_tiny(capsys):
   assert row['ratio'] == pytest.approx(row['device_img_s'] / row['host_img_s'])
   text = bench.augment.format_report(report)
   assert 'tf.data img/s' in text and 'device img/s' in text
+
+
+def test_bench_stages_add_the_ops_one_by_one(capsys):
+  import json
+  from jaxssl.bench import __main__ as bench
+  code = bench.main(['augment', '--json', '--sizes', '24', '--batch', '2',
+                     '--batches', '1', '--repeats', '1', '--stages'])
+  report = json.loads(capsys.readouterr().out)
+  assert code == 0 and report['ok']
+  (row,) = report['results']
+  stages = row['stages']
+  assert [s['stage'] for s in stages] == [
+      'crop + resize', '+ flip', '+ colour jitter', '+ grayscale', '+ blur']
+  for s in stages:
+    assert s['device_img_s'] > 0
+    assert s['ms_per_view'] == pytest.approx(
+        1e3 / (s['device_img_s'] * 2))
+  assert 'ms/view' in bench.augment.format_report(report)

@@ -17,6 +17,11 @@ second (each image gives 2 views).
   python -m jaxssl.bench augment                    # 32 and 224 px, blur
   python -m jaxssl.bench augment --sizes 224 --batch 64 --json
   python -m jaxssl.bench augment --sizes 32 --no-blur
+  python -m jaxssl.bench augment --sizes 224 --batch 32 --stages
+
+`--stages` also times the device path with the recipe's ops switched on
+one by one (crop + resize, + flip, + jitter, + grayscale, + blur), to show
+where its time goes.
 """
 
 import statistics
@@ -45,6 +50,8 @@ def add_arguments(parser) -> None:
                       help='batches per timing')
   parser.add_argument('--repeats', type=int, default=3,
                       help='alternating timings per path; the median counts')
+  parser.add_argument('--stages', action='store_true',
+                      help='also time the device path op by op')
 
 
 def _images(n: int, side: int):
@@ -92,20 +99,58 @@ def _time_device(fn, images, keys) -> float:
   return time.perf_counter() - start
 
 
-def measure(size: int, args) -> dict:
-  """Alternating host and device timings at one view size."""
+# Cumulative device-path stages: the ops switched off until their stage.
+STAGES = (
+    ('crop + resize', dict(flip=False, color_prob=0.0, grayscale_prob=0.0,
+                           blur_prob=0.0)),
+    ('+ flip', dict(color_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)),
+    ('+ colour jitter', dict(grayscale_prob=0.0, blur_prob=0.0)),
+    ('+ grayscale', dict(blur_prob=0.0)),
+    ('+ blur', {}),
+)
+
+
+def _device_fn(config_augment, size: int):
   import functools
   import jax
   from jaxssl import augment_device
+  return jax.jit(functools.partial(augment_device.simclr_views,
+                                   num_views=NUM_VIEWS, out_size=size,
+                                   config_augment=config_augment))
+
+
+def measure_stages(size: int, config_augment, device_images,
+                   args) -> list[dict]:
+  """Device img/s with the recipe's ops added one at a time (median)."""
+  import jax
+  rows = []
+  for name, off in STAGES:
+    if name == '+ blur' and not args.blur:
+      continue
+    cfg = config_augment.copy_and_resolve_references()
+    cfg.update(off)
+    fn = _device_fn(cfg, size)
+    fn(device_images, jax.random.key(0)).block_until_ready()
+    timings = [_time_device(fn, device_images,
+                            [jax.random.key(1000 * r + i)
+                             for i in range(args.batches)])
+               for r in range(args.repeats)]
+    rate = args.batch * args.batches / statistics.median(timings)
+    rows.append({'stage': name, 'device_img_s': rate,
+                 'ms_per_view': 1e3 / (rate * NUM_VIEWS)})
+  return rows
+
+
+def measure(size: int, args) -> dict:
+  """Alternating host and device timings at one view size."""
+  import jax
   from jaxssl import config_schema
 
   config_augment = config_schema.defaults().augment
   config_augment.blur_prob = 0.5 if args.blur else 0.0
   source = args.source_size or size
   images = _images(args.batch, source)
-  fn = jax.jit(functools.partial(augment_device.simclr_views,
-                                 num_views=NUM_VIEWS, out_size=size,
-                                 config_augment=config_augment))
+  fn = _device_fn(config_augment, size)
   device_images = jax.device_put(images)
   start = time.perf_counter()
   fn(device_images, jax.random.key(0)).block_until_ready()
@@ -119,11 +164,15 @@ def measure(size: int, args) -> dict:
   images_per_timing = args.batch * args.batches
   host_rate = images_per_timing / statistics.median(host_s)
   device_rate = images_per_timing / statistics.median(device_s)
-  return {'size': size, 'source_size': source, 'blur': args.blur,
-          'batch': args.batch, 'host_img_s': host_rate,
-          'device_img_s': device_rate, 'ratio': device_rate / host_rate,
-          'device_compile_s': compile_s, 'host_timings_s': host_s,
-          'device_timings_s': device_s}
+  result = {'size': size, 'source_size': source, 'blur': args.blur,
+            'batch': args.batch, 'host_img_s': host_rate,
+            'device_img_s': device_rate, 'ratio': device_rate / host_rate,
+            'device_compile_s': compile_s, 'host_timings_s': host_s,
+            'device_timings_s': device_s}
+  if args.stages:
+    result['stages'] = measure_stages(size, config_augment, device_images,
+                                      args)
+  return result
 
 
 def run(args) -> dict:
@@ -156,4 +205,12 @@ def format_report(report: dict) -> str:
                  f"{r['batch']:>5} {r['host_img_s']:>14.1f} "
                  f"{r['device_img_s']:>13.1f} {r['ratio']:>6.2f} "
                  f"{r['device_compile_s']:>9.1f}")
+  for r in report['results']:
+    previous = 0.0
+    for stage in r.get('stages', ()):
+      lines.append(f"  {r['size']} px, {stage['stage']:<16} "
+                   f"{stage['device_img_s']:>9.1f} img/s "
+                   f"{stage['ms_per_view']:>7.2f} ms/view "
+                   f"(+{stage['ms_per_view'] - previous:.2f})")
+      previous = stage['ms_per_view']
   return '\n'.join(lines)
