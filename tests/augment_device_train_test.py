@@ -10,24 +10,19 @@ import jax
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import load_config
+from conftest import restore_state, tiny_factory
 from etils import epath
 
-from jaxssl import checkpoint
 from jaxssl import config_schema
 from jaxssl import input_pipeline
-from jaxssl import parallel
 from jaxssl import steps
 from jaxssl import train
 
 
 @pytest.fixture(scope='module')
 def tiny(fashion_mnist_dir):
-  def make(**overrides):
-    return load_config('simclr_tiny', **{'dataset.data_dir': fashion_mnist_dir,
-                                         'augment.on_device': True,
-                                         **overrides})
-  return make
+  return tiny_factory('simclr_tiny', fashion_mnist_dir,
+                      **{'augment.on_device': True})
 
 
 def test_pipeline_yields_uint8_images_in_the_host_order(tiny):
@@ -63,16 +58,6 @@ def test_step_views_have_the_host_layout(tiny):
   assert batch['views'][0].dtype == np.float32
 
 
-def _restore_state(config, workdir, step):
-  s = train.setup(config)
-  abstract = checkpoint.abstract_with_sharding(
-      jax.eval_shape(s.init_fn), parallel.replicated(s.mesh))
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-  state = ckpt.restore(step, abstract)
-  ckpt.close()
-  return jax.device_get(state)
-
-
 def test_trains_with_changing_finite_loss_and_resumes_exactly(tiny, tmp_path):
   config = tiny(eval_after_training=False)
   s = train.setup(config)
@@ -92,8 +77,8 @@ def test_trains_with_changing_finite_loss_and_resumes_exactly(tiny, tmp_path):
   (epath.Path(resumed) / 'checkpoints' / '8').rmtree()
   assert train.run(config, resumed)['step'] == 8
   jax.tree.map(np.testing.assert_array_equal,
-               _restore_state(config, resumed, 8),
-               _restore_state(config, straight, 8))
+               restore_state(config, resumed, 8),
+               restore_state(config, straight, 8))
 
 
 @pytest.mark.parametrize('overrides,match', [

@@ -6,14 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import load_config
-from jaxssl import checkpoint
+from conftest import (assert_exported_and_evaluated, load_config,
+                      restore_state, resume_after_losing_the_newest,
+                      tiny_factory)
 from jaxssl import input_pipeline
 from jaxssl import methods
-from jaxssl import parallel
 from jaxssl import train
 
 
@@ -181,10 +180,7 @@ def test_post_update_is_the_ema_with_tau_of_the_previous_count(
 
 @pytest.fixture(scope='module')
 def tiny(fashion_mnist_dir):
-  def make(**overrides):
-    return load_config('byol_tiny', **{'dataset.data_dir': fashion_mnist_dir,
-                                       **overrides})
-  return make
+  return tiny_factory('byol_tiny', fashion_mnist_dir)
 
 
 def _run_steps(config, mesh, num_steps):
@@ -269,16 +265,6 @@ def test_eight_devices_give_the_same_gradients(mesh1, mesh8):
   _sharded_vs_single_close(grads8, grads1)
 
 
-def _restore_state(config, workdir, step):
-  s = train.setup(config)
-  abstract = checkpoint.abstract_with_sharding(
-      jax.eval_shape(s.init_fn), parallel.replicated(s.mesh))
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-  state = ckpt.restore(step, abstract)
-  ckpt.close()
-  return jax.device_get(state)
-
-
 @pytest.fixture(scope='module')
 def straight_run(tiny, tmp_path_factory):
   """The tiny config end to end: pretraining, export and linear eval."""
@@ -287,24 +273,16 @@ def straight_run(tiny, tmp_path_factory):
 
 
 def test_run_exports_and_evaluates(straight_run):
-  workdir, result = straight_run
-  assert result['step'] == 8
-  enc, rand = result['eval']['encoder'], result['eval']['random_init']
-  for r in (enc, rand):
-    assert 0.0 < r['top1'] <= r['top5'] <= 1.0
-  assert (epath.Path(workdir) / 'export' / 'spec').exists()
+  assert_exported_and_evaluated(*straight_run)
 
 
 def test_resume_after_losing_the_newest_checkpoint_is_exact(
     tiny, straight_run, tmp_path):
   config = tiny(eval_after_training=False)
   resumed = str(tmp_path / 'resumed')
-  train.run(config, resumed)
-  (epath.Path(resumed) / 'checkpoints' / '8').rmtree()
-  assert checkpoint.Checkpointer(resumed, keep=2).latest_step() == 4
-  assert train.run(config, resumed)['step'] == 8
-  a = _restore_state(config, straight_run[0], 8)
-  b = _restore_state(config, resumed, 8)
+  resume_after_losing_the_newest(config, resumed)
+  a = restore_state(config, straight_run[0], 8)
+  b = restore_state(config, resumed, 8)
   assert set(b.extra) == {'target_params', 'target_batch_stats'}
   jax.tree.map(np.testing.assert_array_equal, b, a)
 

@@ -14,8 +14,7 @@ import pytest
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import load_config
-from jaxssl import checkpoint
+from conftest import load_config, restore_state, tiny_factory
 from jaxssl import evaluate
 from jaxssl import input_pipeline
 from jaxssl import parallel
@@ -268,10 +267,7 @@ def test_gradients_on_8_devices_equal_1_device(mesh1, mesh8):
 
 @pytest.fixture(scope='module')
 def tiny(fashion_mnist_dir):
-  def make(**overrides):
-    return load_config('moco_v2_tiny', **{
-        'dataset.data_dir': fashion_mnist_dir, **overrides})
-  return make
+  return tiny_factory('moco_v2_tiny', fashion_mnist_dir)
 
 
 def _host(tree):
@@ -343,16 +339,6 @@ def test_queue_is_replicated_and_wraps(tiny, mesh8):
   assert pointers == [32, 64, 96, 0, 32, 64]
 
 
-def _restore(config, workdir, step):
-  s = train.setup(config)
-  abstract = checkpoint.abstract_with_sharding(
-      jax.eval_shape(s.init_fn), parallel.replicated(s.mesh))
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-  state = ckpt.restore(step, abstract)
-  ckpt.close()
-  return jax.device_get(state)
-
-
 def test_run_resumes_exactly_exports_and_evaluates(tiny, tmp_path):
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
   result = train.run(tiny(), straight)
@@ -360,7 +346,7 @@ def test_run_resumes_exactly_exports_and_evaluates(tiny, tmp_path):
   # The process "died" after saving step 4 and before saving step 8.
   (epath.Path(resumed) / 'checkpoints' / '8').rmtree()
   assert train.run(tiny(eval_after_training=False), resumed)['step'] == 8
-  a, b = _restore(tiny(), straight, 8), _restore(tiny(), resumed, 8)
+  a, b = restore_state(tiny(), straight, 8), restore_state(tiny(), resumed, 8)
   jax.tree.map(np.testing.assert_array_equal, b, a)
   assert set(a.extra) == {'key_params', 'key_batch_stats', 'queue',
                           'queue_ptr'}

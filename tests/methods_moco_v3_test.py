@@ -14,14 +14,13 @@ import pytest
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import load_config
-from jaxssl import checkpoint
+from conftest import load_config, restore_state, tiny_factory
 from jaxssl import evaluate
-from jaxssl import input_pipeline
 from jaxssl import parallel
 from jaxssl import train
 from jaxssl.methods import momentum
 from jaxssl.methods import moco_v3
+from methods_moco_v2_test import _close, _run_steps
 
 BATCH = 32  # moco_v3_tiny's global batch
 TOTAL_STEPS = 40
@@ -208,27 +207,7 @@ def test_gradients_on_8_devices_equal_1_device(mesh1, mesh8):
 
 @pytest.fixture(scope='module')
 def tiny(fashion_mnist_dir):
-  def make(**overrides):
-    return load_config('moco_v3_tiny', **{
-        'dataset.data_dir': fashion_mnist_dir, **overrides})
-  return make
-
-
-def _run_steps(config, mesh, num_steps):
-  s = train.setup(config, mesh)
-  state = s.init_fn()
-  batches = input_pipeline.pretrain_batches(config, start_step=0)
-  history = []
-  for _ in range(num_steps):
-    state, metrics = s.train_step(state, train.global_batch(next(batches),
-                                                            mesh))
-    history.append((float(metrics['loss']),
-                    jax.tree.map(np.asarray, jax.device_get(state))))
-  return history
-
-
-def _close(a, b):
-  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+  return tiny_factory('moco_v3_tiny', fashion_mnist_dir)
 
 
 def test_eight_devices_equal_one_device_with_momentum_state(tiny, mesh1,
@@ -247,16 +226,6 @@ def test_eight_devices_equal_one_device_with_momentum_state(tiny, mesh1,
                 state1.extra['key_batch_stats'])
 
 
-def _restore(config, workdir, step):
-  s = train.setup(config)
-  abstract = checkpoint.abstract_with_sharding(
-      jax.eval_shape(s.init_fn), parallel.replicated(s.mesh))
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-  state = ckpt.restore(step, abstract)
-  ckpt.close()
-  return jax.device_get(state)
-
-
 def test_run_resumes_exactly_exports_and_evaluates(tiny, tmp_path):
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
   result = train.run(tiny(), straight)
@@ -264,7 +233,7 @@ def test_run_resumes_exactly_exports_and_evaluates(tiny, tmp_path):
   # The process "died" after saving step 4 and before saving step 8.
   (epath.Path(resumed) / 'checkpoints' / '8').rmtree()
   assert train.run(tiny(eval_after_training=False), resumed)['step'] == 8
-  a, b = _restore(tiny(), straight, 8), _restore(tiny(), resumed, 8)
+  a, b = restore_state(tiny(), straight, 8), restore_state(tiny(), resumed, 8)
   jax.tree.map(np.testing.assert_array_equal, b, a)
   assert set(a.extra) == {'key_params', 'key_batch_stats'}
   enc, base = result['eval']['encoder'], result['eval']['random_init']

@@ -5,14 +5,14 @@ import functools
 import jax
 import numpy as np
 import pytest
-from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import load_config
-from jaxssl import checkpoint
+from conftest import (assert_exported_and_evaluated, load_config,
+                      restore_state, resume_after_losing_the_newest,
+                      tiny_factory)
 from jaxssl import methods
 from jaxssl import train
-from methods_byol_test import _batch, _restore_state, _run_steps
+from methods_byol_test import _batch, _run_steps
 
 
 def _method(mesh, **overrides):
@@ -133,10 +133,7 @@ def _assert_gradients_close(got, ref):
 
 @pytest.fixture(scope='module')
 def tiny(fashion_mnist_dir):
-  def make(**overrides):
-    return load_config('simsiam_tiny',
-                       **{'dataset.data_dir': fashion_mnist_dir, **overrides})
-  return make
+  return tiny_factory('simsiam_tiny', fashion_mnist_dir)
 
 
 def test_eight_devices_give_the_same_gradients(mesh1, mesh8):
@@ -192,24 +189,16 @@ def straight_run(tiny, tmp_path_factory):
 
 
 def test_run_exports_and_evaluates(straight_run):
-  workdir, result = straight_run
-  assert result['step'] == 8
-  enc, rand = result['eval']['encoder'], result['eval']['random_init']
-  for r in (enc, rand):
-    assert 0.0 < r['top1'] <= r['top5'] <= 1.0
-  assert (epath.Path(workdir) / 'export' / 'spec').exists()
+  assert_exported_and_evaluated(*straight_run)
 
 
 def test_resume_after_losing_the_newest_checkpoint_is_exact(
     tiny, straight_run, tmp_path):
   config = tiny(eval_after_training=False)
   resumed = str(tmp_path / 'resumed')
-  train.run(config, resumed)
-  (epath.Path(resumed) / 'checkpoints' / '8').rmtree()
-  assert checkpoint.Checkpointer(resumed, keep=2).latest_step() == 4
-  assert train.run(config, resumed)['step'] == 8
-  a = _restore_state(config, straight_run[0], 8)
-  b = _restore_state(config, resumed, 8)
+  resume_after_losing_the_newest(config, resumed)
+  a = restore_state(config, straight_run[0], 8)
+  b = restore_state(config, resumed, 8)
   jax.tree.map(np.testing.assert_array_equal, b, a)
   assert any(np.any(x != 0) for x in jax.tree.leaves(b.opt_state))
 

@@ -13,8 +13,7 @@ import pytest
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import load_config
-from jaxssl import checkpoint
+from conftest import load_config, restore_state, tiny_factory
 from jaxssl import input_pipeline
 from jaxssl import models
 from jaxssl import optim
@@ -349,10 +348,7 @@ def test_validate_config(overrides, match):
 
 @pytest.fixture(scope='module')
 def tiny(fashion_mnist_dir):
-  def make(**overrides):
-    return load_config('swav_tiny', **{'dataset.data_dir': fashion_mnist_dir,
-                                       **overrides})
-  return make
+  return tiny_factory('swav_tiny', fashion_mnist_dir)
 
 
 def _train(config, mesh, num_steps):
@@ -379,16 +375,6 @@ def test_eight_devices_equal_one_device(tiny, mesh1, mesh8):
   assert int(state1.extra['queue_rows']) == 64
 
 
-def _restore(config, workdir, step):
-  s = train.setup(config)
-  abstract = checkpoint.abstract_with_sharding(
-      jax.eval_shape(s.init_fn), parallel.replicated(s.mesh))
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-  state = ckpt.restore(step, abstract)
-  ckpt.close()
-  return jax.device_get(state)
-
-
 def test_run_resumes_exactly_exports_and_evaluates(tiny, tmp_path):
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
   result = train.run(tiny(), straight)
@@ -401,7 +387,7 @@ def test_run_resumes_exactly_exports_and_evaluates(tiny, tmp_path):
   # The process "died" after saving step 4 (queue full, prototypes moving).
   (epath.Path(resumed) / 'checkpoints' / '8').rmtree()
   assert train.run(config, resumed)['step'] == 8
-  a, b = _restore(config, straight, 8), _restore(config, resumed, 8)
+  a, b = restore_state(config, straight, 8), restore_state(config, resumed, 8)
   jax.tree.map(np.testing.assert_array_equal, b, a)
   assert int(a.extra['queue_rows']) == 64
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from conftest import load_config
+from conftest import restore_state, tiny_factory
 from jaxssl import checkpoint
 from jaxssl import evaluate
 from jaxssl import input_pipeline
@@ -30,10 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope='module')
 def tiny(fashion_mnist_dir):
-  def make(**overrides):
-    return load_config('simclr_tiny', **{'dataset.data_dir': fashion_mnist_dir,
-                                  **overrides})
-  return make
+  return tiny_factory('simclr_tiny', fashion_mnist_dir)
 
 
 def _losses(config, mesh, num_steps):
@@ -66,16 +63,6 @@ def test_bfloat16_compute_keeps_float32_params_and_finite_loss(tiny, mesh8):
   assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {np.dtype('float32')}
 
 
-def _restore_params(config, workdir, step):
-  s = train.setup(config)
-  abstract = checkpoint.abstract_with_sharding(
-      jax.eval_shape(s.init_fn), parallel.replicated(s.mesh))
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-  state = ckpt.restore(step, abstract)
-  ckpt.close()
-  return jax.device_get(state)
-
-
 def test_resume_after_losing_the_newest_checkpoint_is_exact(tiny, tmp_path):
   config = tiny(eval_after_training=False)
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
@@ -86,8 +73,8 @@ def test_resume_after_losing_the_newest_checkpoint_is_exact(tiny, tmp_path):
   assert checkpoint.Checkpointer(resumed, keep=2).latest_step() == 4
   result = train.run(config, resumed)
   assert result['step'] == 8
-  a = _restore_params(config, straight, 8)
-  b = _restore_params(config, resumed, 8)
+  a = restore_state(config, straight, 8)
+  b = restore_state(config, resumed, 8)
   jax.tree.map(np.testing.assert_array_equal, b, a)
 
 
@@ -125,8 +112,8 @@ def test_killed_process_resumes_to_the_same_result(tiny, tmp_path,
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
-  a = _restore_params(config, straight, 24)
-  b = _restore_params(config, workdir, 24)
+  a = restore_state(config, straight, 24)
+  b = restore_state(config, workdir, 24)
   jax.tree.map(np.testing.assert_array_equal, b, a)
   logged = _tensorboard_scalars(workdir, 'loss')
   expected = _tensorboard_scalars(straight, 'loss')
