@@ -421,9 +421,10 @@ def test_heads_and_encoders_compose_under_bfloat16():
   assert out.shape == (4, 4) and out.dtype == jnp.float32
 
 
-@pytest.mark.parametrize('local_devices,expected', [(1, 'auto'), (8, 'xla')])
+@pytest.mark.parametrize('local_devices,expected', [
+    (1, 'auto'), (8, 'xla'), (None, 'xla')])
 def test_auto_conv_impl_follows_local_devices(local_devices, expected):
-  # conftest gives this process 8 CPU devices; the mesh's share decides.
+  # None: this process's count, 8 CPU devices under conftest.
   encoder = models.make_encoder(_config(encoder='small_cnn'), image_size=28,
                                 local_devices=local_devices)
   assert encoder.conv_impl == expected

@@ -52,16 +52,15 @@ class Method(abc.ABC):
     self.total_steps = total_steps
 
   def make_encoder(self, *, bn_groups: int = 1):
-    """`models.make_encoder` for this run's images and this process.
+    """`models.make_encoder` for this run's images.
 
     The process's device count, not the mesh's, picks the convolution of
-    `conv_impl='auto'`: simulated devices share the cores whichever of them
-    the mesh uses, and a 1-device twin of an 8-device run then computes
-    with the same convolution.
+    `conv_impl='auto'` (`make_encoder`'s default): simulated devices share
+    the cores whichever of them the mesh uses, and a 1-device twin of an
+    8-device run then computes with the same convolution.
     """
-    return models.make_encoder(
-        self.config.model, image_size=self.image_size, bn_groups=bn_groups,
-        local_devices=jax.local_device_count())
+    return models.make_encoder(self.config.model, image_size=self.image_size,
+                               bn_groups=bn_groups)
 
   @property
   def fixed_lr_mask(self):

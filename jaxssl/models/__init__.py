@@ -146,7 +146,8 @@ class NormalizedEncoder(nn.Module):
 
 
 def make_encoder(model_config: ml_collections.ConfigDict, *, image_size: int,
-                 bn_groups: int = 1, local_devices: int = 1) -> nn.Module:
+                 bn_groups: int = 1,
+                 local_devices: int | None = None) -> nn.Module:
   """Builds the encoder named by `model_config.encoder`.
 
   Args:
@@ -157,9 +158,10 @@ def make_encoder(model_config: ml_collections.ConfigDict, *, image_size: int,
     bn_groups: BatchNorm statistics groups; 1 = global batch statistics,
       G = separate statistics for G contiguous slices of the batch (MoCo v2
       shuffle-BN with G = devices, SwAV per-node BN).
-    local_devices: `jax.local_device_count()` of the training process;
-      picks the convolution of `conv_impl='auto'`
-      (`fastconv.impl_for_devices`).
+    local_devices: devices of this process, by default
+      `jax.local_device_count()`; picks the convolution of
+      `conv_impl='auto'` (`fastconv.impl_for_devices`), for training and
+      evaluation alike.
 
   Returns:
     An unbound Linen module; `encoder(x, train)` maps `[B, H, W, C]` float
@@ -179,6 +181,8 @@ def make_encoder(model_config: ml_collections.ConfigDict, *, image_size: int,
     cifar_stem = image_size <= CIFAR_STEM_MAX_IMAGE_SIZE
   else:
     cifar_stem = model_config.stem == 'cifar'
+  if local_devices is None:
+    local_devices = jax.local_device_count()
   conv_impl = fastconv.impl_for_devices(model_config.conv_impl, local_devices)
   if conv_impl != model_config.conv_impl:
     model_config = ml_collections.ConfigDict(model_config.to_dict())
