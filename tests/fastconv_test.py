@@ -152,7 +152,8 @@ def test_im2col_is_conv_free(cin, cout, kernel_size, strides):
     (1, 16, 3, 1, True),   # stem: kh*kw*Cin <= Cout
     (8, 4, 1, 1, True),    # 1x1
     (8, 4, 3, 2, True),    # strided
-    (8, 4, 3, 1, False),   # wide 3x3: XLA forward and input gradient
+    (8, 4, 3, 1, True),    # wide 3x3: Winograd (tests/winograd_test.py)
+    (8, 4, 5, 1, False),   # wide 5x5: XLA forward and input gradient
 ])
 def test_auto_on_cpu(cin, cout, kernel_size, strides, conv_free):
   assert jax.default_backend() == 'cpu'

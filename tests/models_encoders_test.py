@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxssl import models
-from jaxssl.models import heads, resnet
+from jaxssl.models import heads, resnet, winograd
 
 # RBG keys: threefry (jax_threefry_partitionable) takes seconds to compile
 # per random op on CPU; the tests need init values, not a particular stream.
@@ -428,3 +428,45 @@ def test_auto_conv_impl_follows_local_devices(local_devices, expected):
   encoder = models.make_encoder(_config(encoder='small_cnn'), image_size=28,
                                 local_devices=local_devices)
   assert encoder.conv_impl == expected
+
+
+def test_one_device_auto_convs_train_like_xla(monkeypatch):
+  # One CPU device: 'auto' runs im2col matmuls and Winograd; a ResNet-18's
+  # features and every parameter gradient equal those of XLA's convolutions.
+  # (SmallCNN is not compared here: its BatchNorms over 4 images amplify
+  # float32 rounding to ~1e-4 for every implementation against XLA's,
+  # im2col included; its convolutions are covered op by op in
+  # fastconv_test and winograd_test.)
+  encoder, image_size = 'resnet18', 16
+  winograd_calls = []
+  original = winograd.conv3x3
+  monkeypatch.setattr(winograd, 'conv3x3', lambda *args: (
+      winograd_calls.append(args[1].shape), original(*args))[1])
+  config = _config(encoder=encoder, width_multiplier=1)
+  fast = models.make_encoder(config, image_size=image_size, local_devices=1)
+  reference = models.make_encoder(_config(encoder=encoder, conv_impl='xla'),
+                                  image_size=image_size, local_devices=1)
+  assert (fast.conv_impl, reference.conv_impl) == ('auto', 'xla')
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(0, 1, (4, image_size, image_size, 3)),
+                  jnp.float32)
+  variables = reference.init(_KEY, x, train=True)
+  cotangent = jnp.asarray(rng.uniform(
+      -1, 1, (4, models.feature_dim(config))), jnp.float32)
+
+  def features_and_grads(encoder_module):
+    def loss(params):
+      out, _ = encoder_module.apply(
+          {**variables, 'params': params}, x, train=True,
+          mutable=['batch_stats'])
+      return jnp.sum(out * cotangent), out
+
+    return jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
+
+  (fast_grads, fast_out), (ref_grads, ref_out) = (
+      features_and_grads(fast), features_and_grads(reference))
+  assert winograd_calls  # the Winograd path ran in the 'auto' encoder
+  np.testing.assert_allclose(fast_out, ref_out, rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.tree.leaves(fast_grads),
+                       jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

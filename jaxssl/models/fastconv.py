@@ -19,11 +19,14 @@ transpose, pads (with interior padding for strides) and sums kh*kw slices.
 Implementations (`impl`):
   'im2col': all three products as above.
   'xla': `lax.conv_general_dilated` and its XLA gradients.
-  'auto': on CPU, the kernel gradient always as a matmul; the forward and
-    input gradient as matmuls for thin convolutions (1x1, strided, or
-    kh*kw*Cin <= Cout) and as XLA convolutions otherwise: the fastest
-    combination measured (docs/benchmarks.md). On every other backend
-    'auto' is exactly 'xla', so TPU and GPU programs are untouched.
+  'auto': on CPU, thin convolutions (1x1, strided, or kh*kw*Cin <= Cout)
+    as 'im2col'; wide float32 3x3 stride-1 convolutions (the bulk of a
+    ResNet) by Winograd's F(2x2, 3x3) in all three products
+    (`jaxssl/models/winograd.py`, 2.25x fewer multiplies); other wide ones
+    with XLA's forward and input gradient and the kernel gradient as a
+    matmul: the fastest combination measured (docs/benchmarks.md). On
+    every other backend 'auto' is exactly 'xla', so TPU and GPU programs
+    are untouched.
     Encoders in a CPU process with several devices (simulated devices
     sharing the cores) take 'xla' instead (`impl_for_devices`).
 
@@ -42,6 +45,8 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jaxssl.models import batch_chunks, winograd
 
 IMPLS = ('auto', 'im2col', 'xla')
 # Patches per loop step: small enough to stay in the L2/L3 caches, large
@@ -150,19 +155,6 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, plan: _Plan) -> jax.Array:
                                   dimension_numbers=_DIMENSIONS)
 
 
-def _chunked(x: jax.Array, chunk: int) -> jax.Array:
-  """Reshapes `[B, ...]` to `[n, chunk, ...]`, zero-padding B up to n*chunk."""
-  batch = x.shape[0]
-  count = -(-batch // chunk)
-  if count * chunk != batch:
-    x = jnp.pad(x, ((0, count * chunk - batch),) + ((0, 0),) * (x.ndim - 1))
-  return x.reshape((count, chunk) + x.shape[1:])
-
-
-def _unchunked(x: jax.Array, batch: int) -> jax.Array:
-  return x.reshape((-1,) + x.shape[2:])[:batch]
-
-
 def _forward_rows(x, kernel, plan):
   kh, kw, cin, cout = kernel.shape
   patches = _patches(x, (kh, kw), plan.strides, plan.pads)
@@ -194,8 +186,8 @@ def _conv(x: jax.Array, kernel: jax.Array, plan: _Plan) -> jax.Array:
   if plan.chunk >= x.shape[0]:
     return _forward_rows(x, kernel, plan)
   ys = lax.map(lambda xc: _forward_rows(xc, kernel, plan),
-               _chunked(x, plan.chunk))
-  return _unchunked(ys, x.shape[0])
+               batch_chunks.split(x, plan.chunk))
+  return batch_chunks.merge(ys, x.shape[0])
 
 
 def _conv_fwd(x, kernel, plan):
@@ -215,8 +207,9 @@ def _conv_bwd(plan, residuals, dy):
     dkernel, dxs = lax.scan(
         body, jnp.zeros((kernel.size // kernel.shape[-1], kernel.shape[-1]),
                         jnp.float32),
-        (_chunked(x, plan.chunk), _chunked(dy, plan.chunk)))
-    dx = None if dxs is None else _unchunked(dxs, x.shape[0])
+        (batch_chunks.split(x, plan.chunk),
+         batch_chunks.split(dy, plan.chunk)))
+    dx = None if dxs is None else batch_chunks.merge(dxs, x.shape[0])
   if dx is None:
     dx = jax.vjp(lambda a: _xla_conv(a, kernel, plan), x)[1](dy)[0]
   return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
@@ -242,12 +235,7 @@ def _chunk_size(batch: int, kernel_shape: tuple[int, ...],
   per_image = out_hw[0] * out_hw[1] * kh * kw * cin * itemsize
   target = max(chunk_bytes, 4 * 4 * kh * kw * cin * cout)
   most = max(2, target // per_image)
-  if most >= batch:
-    return batch
-  divisor = max(d for d in range(1, most + 1) if batch % d == 0)
-  if 2 * divisor >= most:
-    return divisor
-  return -(-batch // -(-batch // most))  # Even split; pads the last chunk.
+  return batch_chunks.images_per_step(batch, most)
 
 
 def _resolve_impl(impl: str) -> str:
@@ -311,9 +299,10 @@ def conv2d(x: jax.Array, kernel: jax.Array, *,
       dtype as `x`.
     strides: stride along height and width, an int or a pair.
     padding: 'SAME', 'VALID' or explicit `((top, bottom), (left, right))`.
-    impl: 'auto' (CPU: matmul gradients, see module docstring; elsewhere
-      'xla'), 'im2col' (every product a matmul) or 'xla'.
-    chunk_bytes: patches per loop step of the matmul paths.
+    impl: 'auto' (CPU: im2col matmuls or Winograd, see module docstring;
+      elsewhere 'xla'), 'im2col' (every product a matmul) or 'xla'.
+    chunk_bytes: patches per loop step of the im2col paths; input bytes
+      per loop step of the Winograd path.
 
   Returns:
     `[batch, out_height, out_width, out_channels]` in the dtype of `x`.
@@ -347,6 +336,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, *,
                                     dimension_numbers=_DIMENSIONS)
   matmul_data = (impl == 'im2col' or kh * kw == 1 or strides != (1, 1) or
                  kh * kw * cin <= cout)
+  if (impl == 'auto-cpu' and not matmul_data and
+      winograd.supports(kernel.shape, strides, pads, x.dtype)):
+    return winograd.conv3x3(x, kernel, pads, chunk_bytes)
   chunk = _chunk_size(x.shape[0], kernel.shape, out_hw, x.dtype.itemsize,
                       matmul_data, chunk_bytes)
   return _conv(x, kernel, _Plan(strides, pads, matmul_data, chunk))

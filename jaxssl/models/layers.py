@@ -78,8 +78,9 @@ class Conv(nn.Module):
     strides: stride along height and width.
     dtype: compute dtype; the input and the kernel are cast to it.
     kernel_init: kernel initializer.
-    impl: `fastconv.conv2d` implementation: 'auto' (matmul-based products
-      on CPU, `lax.conv_general_dilated` on TPU/GPU), 'im2col' or 'xla'.
+    impl: `fastconv.conv2d` implementation: 'auto' (im2col matmuls or
+      Winograd on CPU, `lax.conv_general_dilated` on TPU/GPU), 'im2col' or
+      'xla'.
 
   References:
     google-research/simclr `resnet.py:conv2d_fixed_padding`.

@@ -1,0 +1,208 @@
+"""3x3 stride-1 convolution by Winograd's minimal filtering F(2x2, 3x3).
+
+The CPU path of `fastconv.conv2d(impl='auto')` for wide float32 3x3
+convolutions with stride 1 (every 3x3 conv of a ResNet body but the first
+of a strided stage). Each 2x2 output tile is computed from a 4x4 input
+tile `d` and the 3x3 kernel `g` as (Lavin & Gray, 2016, eq. 8)
+
+  Y = A^T [ (G g G^T) * (B^T d B) ] A
+
+so the 36 multiplies per tile and channel pair of the direct convolution
+become 16: the convolution turns into 16 independent matmuls
+`[tiles, Cin] @ [Cin, Cout]`, 2.25x fewer FLOPs, and the transforms are
+small fixed matrices applied as matmuls too. The two gradients are exact
+algebra of the same form:
+
+  input   dx = the same transform of dy with the kernel flipped and its
+               channels swapped (padding 2 - p on each side);
+  kernel  dg = G^T [ sum over tiles of (B^T d B)^T (A dY A^T) ] G.
+
+Numerics: F(2x2, 3x3) uses the points 0, 1, -1 only; its float32 error is
+a few times that of the direct sum, within 1e-5 of `lax.conv` at unit
+scale (tests/winograd_test.py). Only float32 takes this path; bfloat16
+convolutions keep `fastconv`'s other products.
+
+Memory: the input tiles are 4x the input activation and the tile products
+4x the output. The batch is processed in chunks whose input is about
+`chunk_bytes` (default 1 MiB, measured on a 2-core AVX-512 CPU), so the
+temporaries stay in cache; only `x` and the kernel are kept for the
+backward pass.
+
+References:
+  Winograd, 1980, "Arithmetic complexity of computations".
+  Lavin & Gray, 2016, "Fast Algorithms for Convolutional Neural Networks",
+  arXiv:1509.09308.
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxssl.models import batch_chunks
+
+# F(2, 3) transforms (Lavin & Gray, 2016, section 4.1).
+_B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+                np.float32)
+_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]],
+              np.float32)
+_A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
+# 2-D transforms over a row-major flattened tile: [16, 16] and [4, 16].
+_INPUT_2D = np.kron(_B_T, _B_T)
+_OUTPUT_2D = np.kron(_A_T, _A_T)
+
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+
+class _Plan(NamedTuple):
+  """Static choices of one convolution (hashable: a nondiff argument)."""
+  pads: Pads
+  chunk: int  # Images per loop step; >= batch means no loop.
+
+
+def supports(kernel_shape: tuple[int, ...], strides: tuple[int, int],
+             pads: Pads, dtype) -> bool:
+  """Whether `conv3x3` computes this convolution.
+
+  Args:
+    kernel_shape: `[kh, kw, Cin, Cout]`.
+    strides: `(sh, sw)`.
+    pads: `((top, bottom), (left, right))`, explicit.
+    dtype: the compute dtype.
+
+  Returns:
+    True for a float32 3x3 kernel, stride 1, each pad in 0..2.
+  """
+  return (tuple(kernel_shape[:2]) == (3, 3) and tuple(strides) == (1, 1) and
+          all(0 <= p <= 2 for pair in pads for p in pair) and
+          jnp.dtype(dtype) == jnp.float32)
+
+
+def _tiling(in_hw, pads: Pads):
+  """Returns output (Ho, Wo) and tile counts (nh, nw) = ceil(out / 2)."""
+  out = tuple(size + lo + hi - 2 for size, (lo, hi) in zip(in_hw, pads))
+  return out, tuple(-(-size // 2) for size in out)
+
+
+def _input_tiles(x: jax.Array, pads: Pads) -> jax.Array:
+  """`B^T d B` of every 4x4 input tile: `[16, B*nh*nw, C]`."""
+  batch, height, width, channels = x.shape
+  (out_h, out_w), (nh, nw) = _tiling((height, width), pads)
+  # Pad past the output's far edge so that every tile is whole.
+  x = jnp.pad(x, ((0, 0), (pads[0][0], pads[0][1] + 2 * nh - out_h),
+                  (pads[1][0], pads[1][1] + 2 * nw - out_w), (0, 0)))
+  tiles = jnp.stack(
+      [x[:, i:i + 2 * nh - 1:2, j:j + 2 * nw - 1:2]
+       for i in range(4) for j in range(4)], axis=3)
+  tiles = tiles.reshape(batch * nh * nw, 16, channels)
+  return jnp.einsum('ak,tkc->atc', _INPUT_2D, tiles)
+
+
+def _output_from_tiles(products: jax.Array, batch: int, in_hw,
+                       pads: Pads) -> jax.Array:
+  """`A^T m A` of `[16, B*nh*nw, O]` tile products: `[B, Ho, Wo, O]`."""
+  (out_h, out_w), (nh, nw) = _tiling(in_hw, pads)
+  out = jnp.einsum('pa,ato->tpo', _OUTPUT_2D, products)
+  out = out.reshape(batch, nh, nw, 2, 2, -1).transpose(0, 1, 3, 2, 4, 5)
+  return out.reshape(batch, 2 * nh, 2 * nw, -1)[:, :out_h, :out_w]
+
+
+def _output_tiles_transposed(dy: jax.Array, in_hw, pads: Pads) -> jax.Array:
+  """Transpose of `_output_from_tiles`: `A dY A^T` per tile, `[16, T, O]`."""
+  (out_h, out_w), (nh, nw) = _tiling(in_hw, pads)
+  batch, channels = dy.shape[0], dy.shape[-1]
+  dy = jnp.pad(dy, ((0, 0), (0, 2 * nh - out_h), (0, 2 * nw - out_w),
+                    (0, 0)))
+  dy = dy.reshape(batch, nh, 2, nw, 2, channels).transpose(0, 1, 3, 2, 4, 5)
+  return jnp.einsum('pa,tpo->ato', _OUTPUT_2D,
+                    dy.reshape(batch * nh * nw, 4, channels))
+
+
+def _kernel_tiles(kernel: jax.Array) -> jax.Array:
+  """`G g G^T` of a `[3, 3, Cin, Cout]` kernel: `[16, Cin, Cout]`."""
+  out = jnp.einsum('ai,ijco,bj->abco', _G, kernel, _G)
+  return out.reshape((16,) + kernel.shape[2:])
+
+
+def _tiled_conv(x: jax.Array, kernel_tiles: jax.Array,
+                pads: Pads) -> jax.Array:
+  products = lax.dot_general(_input_tiles(x, pads), kernel_tiles,
+                              (((2,), (1,)), ((0,), (0,))))
+  return _output_from_tiles(products, x.shape[0], x.shape[1:3], pads)
+
+
+def _over_chunks(fn, x: jax.Array, chunk: int) -> jax.Array:
+  if chunk >= x.shape[0]:
+    return fn(x)
+  return batch_chunks.merge(lax.map(fn, batch_chunks.split(x, chunk)),
+                            x.shape[0])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv(x: jax.Array, kernel: jax.Array, plan: _Plan) -> jax.Array:
+  kernel_tiles = _kernel_tiles(kernel)
+  return _over_chunks(lambda xs: _tiled_conv(xs, kernel_tiles, plan.pads),
+                      x, plan.chunk)
+
+
+def _conv_fwd(x, kernel, plan):
+  return _conv(x, kernel, plan), (x, kernel)
+
+
+def _conv_bwd(plan, residuals, dy):
+  x, kernel = residuals
+  # Input gradient: the correlation of dy with the flipped, transposed
+  # kernel, padded by 2 - p, which gives back the input's size.
+  flipped = _kernel_tiles(jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+  back_pads = tuple((2 - lo, 2 - hi) for lo, hi in plan.pads)
+  dx = _over_chunks(lambda dys: _tiled_conv(dys, flipped, back_pads), dy,
+                    plan.chunk)
+
+  def kernel_tiles_grad(xs, dys):  # [16, Cin, Cout]
+    return lax.dot_general(
+        _input_tiles(xs, plan.pads),
+        _output_tiles_transposed(dys, xs.shape[1:3], plan.pads),
+        (((1,), (1,)), ((0,), (0,))))
+
+  if plan.chunk >= x.shape[0]:
+    dtiles = kernel_tiles_grad(x, dy)
+  else:
+    dtiles, _ = lax.scan(
+        lambda total, xs: (total + kernel_tiles_grad(*xs), None),
+        jnp.zeros((16,) + kernel.shape[2:], jnp.float32),
+        (batch_chunks.split(x, plan.chunk), batch_chunks.split(dy, plan.chunk)))
+  dkernel = jnp.einsum('ai,abco,bj->ijco', _G,
+                       dtiles.reshape((4, 4) + kernel.shape[2:]), _G)
+  return dx, dkernel
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array, pads: Pads,
+            chunk_bytes: int) -> jax.Array:
+  """Cross-correlation of `x` with a 3x3 kernel, stride 1, by F(2x2, 3x3).
+
+  Same values and gradients as `lax.conv_general_dilated(x, kernel, (1, 1),
+  pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))` up to float32
+  rounding. Callers check `supports(...)` first (`fastconv.conv2d` does).
+
+  Args:
+    x: `[batch, height, width, Cin]` float32, global or per-shard.
+    kernel: `[3, 3, Cin, Cout]` float32 (HWIO).
+    pads: explicit `((top, bottom), (left, right))`, each in 0..2.
+    chunk_bytes: input bytes per loop step over the batch (> 0).
+
+  Returns:
+    `[batch, out_height, out_width, Cout]` float32.
+  """
+  if not supports(kernel.shape, (1, 1), pads, x.dtype):
+    raise ValueError(
+        f'winograd.conv3x3 got kernel{tuple(kernel.shape)}, pads {pads}, '
+        f'dtype {x.dtype}; it needs a 3x3 float32 kernel and pads in 0..2')
+  per_image = x[0].size * x.dtype.itemsize
+  chunk = batch_chunks.images_per_step(x.shape[0], chunk_bytes // per_image)
+  return _conv(x, kernel, _Plan(tuple(map(tuple, pads)), chunk))
