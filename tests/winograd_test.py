@@ -128,6 +128,14 @@ def test_flattened_transforms_are_the_papers():
   np.testing.assert_allclose(flat.reshape(2, 2), direct, rtol=1e-6)
 
 
+def test_flipped_kernel_tiles_are_a_permutation():
+  _, kernel = _inputs(1, 3, 3, 2, 3)
+  np.testing.assert_allclose(
+      winograd._kernel_tiles(jnp.flip(kernel, (0, 1))),
+      winograd._kernel_tiles(kernel)[winograd._FLIPPED], rtol=1e-6,
+      atol=1e-8)  # Same terms summed in another order: float32 rounding.
+
+
 @pytest.mark.parametrize('kernel_shape,strides,pads,dtype,expected', [
     ((3, 3, 8, 4), (1, 1), ((1, 1), (1, 1)), jnp.float32, True),
     ((3, 3, 8, 4), (1, 1), ((0, 2), (2, 0)), jnp.float32, True),

@@ -50,9 +50,13 @@ _B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
 _G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]],
               np.float32)
 _A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
-# 2-D transforms over a row-major flattened tile: [16, 16] and [4, 16].
+# 2-D transforms over row-major flattened tiles: [16, 16], [4, 16], [16, 9].
 _INPUT_2D = np.kron(_B_T, _B_T)
 _OUTPUT_2D = np.kron(_A_T, _A_T)
+_KERNEL_2D = np.kron(_G, _G)
+# G applied to a reversed 3-vector is G with rows 0 and 3 swapped, so the
+# transform of the spatially flipped kernel is a permutation of the 16.
+_FLIPPED = np.array([4 * a + b for a in (3, 1, 2, 0) for b in (3, 1, 2, 0)])
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
@@ -123,14 +127,21 @@ def _output_tiles_transposed(dy: jax.Array, in_hw, pads: Pads) -> jax.Array:
 
 def _kernel_tiles(kernel: jax.Array) -> jax.Array:
   """`G g G^T` of a `[3, 3, Cin, Cout]` kernel: `[16, Cin, Cout]`."""
-  out = jnp.einsum('ai,ijco,bj->abco', _G, kernel, _G)
-  return out.reshape((16,) + kernel.shape[2:])
+  # One [16, 9] @ [9, Cin*Cout] product: no transpose of the kernel.
+  flat = jnp.dot(_KERNEL_2D, kernel.reshape(9, -1))
+  return flat.reshape((16,) + kernel.shape[2:])
 
 
-def _tiled_conv(x: jax.Array, kernel_tiles: jax.Array,
-                pads: Pads) -> jax.Array:
-  products = lax.dot_general(_input_tiles(x, pads), kernel_tiles,
-                              (((2,), (1,)), ((0,), (0,))))
+def _tiled_conv(x: jax.Array, kernel_tiles: jax.Array, pads: Pads,
+                transposed: bool = False) -> jax.Array:
+  """Correlation with the kernel whose tiles are `kernel_tiles`.
+
+  `transposed`: contract the tiles' last axis (`x` has Cout channels and the
+  result Cin), as the input gradient does.
+  """
+  products = lax.dot_general(
+      _input_tiles(x, pads), kernel_tiles,
+      (((2,), (2 if transposed else 1,)), ((0,), (0,))))
   return _output_from_tiles(products, x.shape[0], x.shape[1:3], pads)
 
 
@@ -156,10 +167,11 @@ def _conv_bwd(plan, residuals, dy):
   x, kernel = residuals
   # Input gradient: the correlation of dy with the flipped, transposed
   # kernel, padded by 2 - p, which gives back the input's size.
-  flipped = _kernel_tiles(jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+  flipped = _kernel_tiles(kernel)[_FLIPPED]
   back_pads = tuple((2 - lo, 2 - hi) for lo, hi in plan.pads)
-  dx = _over_chunks(lambda dys: _tiled_conv(dys, flipped, back_pads), dy,
-                    plan.chunk)
+  dx = _over_chunks(
+      lambda dys: _tiled_conv(dys, flipped, back_pads, transposed=True), dy,
+      plan.chunk)
 
   def kernel_tiles_grad(xs, dys):  # [16, Cin, Cout]
     return lax.dot_general(
@@ -174,9 +186,8 @@ def _conv_bwd(plan, residuals, dy):
         lambda total, xs: (total + kernel_tiles_grad(*xs), None),
         jnp.zeros((16,) + kernel.shape[2:], jnp.float32),
         (batch_chunks.split(x, plan.chunk), batch_chunks.split(dy, plan.chunk)))
-  dkernel = jnp.einsum('ai,abco,bj->ijco', _G,
-                       dtiles.reshape((4, 4) + kernel.shape[2:]), _G)
-  return dx, dkernel
+  dkernel = jnp.dot(_KERNEL_2D.T, dtiles.reshape(16, -1))
+  return dx, dkernel.reshape(kernel.shape)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
