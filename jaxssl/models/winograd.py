@@ -98,20 +98,21 @@ def _input_tiles(x: jax.Array, pads: Pads) -> jax.Array:
   # Pad past the output's far edge so that every tile is whole.
   x = jnp.pad(x, ((0, 0), (pads[0][0], pads[0][1] + 2 * nh - out_h),
                   (pads[1][0], pads[1][1] + 2 * nw - out_w), (0, 0)))
+  # Tile position major: the transform is one [16, 16] @ [16, T*C] product.
   tiles = jnp.stack(
       [x[:, i:i + 2 * nh - 1:2, j:j + 2 * nw - 1:2]
-       for i in range(4) for j in range(4)], axis=3)
-  tiles = tiles.reshape(batch * nh * nw, 16, channels)
-  return jnp.einsum('ak,tkc->atc', _INPUT_2D, tiles)
+       for i in range(4) for j in range(4)]).reshape(16, -1)
+  return jnp.dot(_INPUT_2D, tiles).reshape(16, batch * nh * nw, channels)
 
 
 def _output_from_tiles(products: jax.Array, batch: int, in_hw,
                        pads: Pads) -> jax.Array:
   """`A^T m A` of `[16, B*nh*nw, O]` tile products: `[B, Ho, Wo, O]`."""
   (out_h, out_w), (nh, nw) = _tiling(in_hw, pads)
-  out = jnp.einsum('pa,ato->tpo', _OUTPUT_2D, products)
-  out = out.reshape(batch, nh, nw, 2, 2, -1).transpose(0, 1, 3, 2, 4, 5)
-  return out.reshape(batch, 2 * nh, 2 * nw, -1)[:, :out_h, :out_w]
+  channels = products.shape[-1]
+  out = jnp.dot(_OUTPUT_2D, products.reshape(16, -1))  # [4, T*O]
+  out = out.reshape(2, 2, batch, nh, nw, channels).transpose(2, 3, 0, 4, 1, 5)
+  return out.reshape(batch, 2 * nh, 2 * nw, channels)[:, :out_h, :out_w]
 
 
 def _output_tiles_transposed(dy: jax.Array, in_hw, pads: Pads) -> jax.Array:
@@ -120,9 +121,9 @@ def _output_tiles_transposed(dy: jax.Array, in_hw, pads: Pads) -> jax.Array:
   batch, channels = dy.shape[0], dy.shape[-1]
   dy = jnp.pad(dy, ((0, 0), (0, 2 * nh - out_h), (0, 2 * nw - out_w),
                     (0, 0)))
-  dy = dy.reshape(batch, nh, 2, nw, 2, channels).transpose(0, 1, 3, 2, 4, 5)
-  return jnp.einsum('pa,tpo->ato', _OUTPUT_2D,
-                    dy.reshape(batch * nh * nw, 4, channels))
+  dy = dy.reshape(batch, nh, 2, nw, 2, channels).transpose(2, 4, 0, 1, 3, 5)
+  out = jnp.dot(_OUTPUT_2D.T, dy.reshape(4, -1))  # [16, T*O]
+  return out.reshape(16, batch * nh * nw, channels)
 
 
 def _kernel_tiles(kernel: jax.Array) -> jax.Array:
