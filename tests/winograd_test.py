@@ -194,3 +194,10 @@ def test_split_and_merge_round_trip():
   assert parts.shape == (3, 2, 3)
   np.testing.assert_array_equal(parts[-1, 1], np.zeros(3))
   np.testing.assert_array_equal(batch_chunks.merge(parts, 5), x)
+
+
+def test_map_chunks_drops_the_padding():
+  x = jnp.arange(5 * 3, dtype=jnp.float32).reshape(5, 3)
+  for chunk in (2, 5, 8):
+    np.testing.assert_array_equal(
+        batch_chunks.map_chunks(lambda a: 2 * a + 1, x, chunk), 2 * x + 1)

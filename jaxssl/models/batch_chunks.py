@@ -7,8 +7,11 @@ chunk's temporaries stay in the L2/L3 caches. Pure shape helpers; nothing
 here calls a collective, and the batch may be global or per-shard.
 """
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 def images_per_step(batch: int, most: int) -> int:
@@ -45,3 +48,15 @@ def split(x: jax.Array, chunk: int) -> jax.Array:
 def merge(x: jax.Array, batch: int) -> jax.Array:
   """Inverse of `split`: `[n, chunk, ...]` to `[batch, ...]`."""
   return x.reshape((-1,) + x.shape[2:])[:batch]
+
+
+def map_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array,
+               chunk: int) -> jax.Array:
+  """`fn` over `x` in loop steps of `chunk` images (`fn(x)` if it fits).
+
+  `fn` maps `[n, ...]` to `[n, ...]` image by image, so the zero images
+  that pad the last step are dropped from the result.
+  """
+  if chunk >= x.shape[0]:
+    return fn(x)
+  return merge(lax.map(fn, split(x, chunk)), x.shape[0])

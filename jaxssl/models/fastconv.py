@@ -183,11 +183,8 @@ def _backward_rows(x, kernel, dy, plan):
 def _conv(x: jax.Array, kernel: jax.Array, plan: _Plan) -> jax.Array:
   if not plan.matmul_data:
     return _xla_conv(x, kernel, plan)
-  if plan.chunk >= x.shape[0]:
-    return _forward_rows(x, kernel, plan)
-  ys = lax.map(lambda xc: _forward_rows(xc, kernel, plan),
-               batch_chunks.split(x, plan.chunk))
-  return batch_chunks.merge(ys, x.shape[0])
+  return batch_chunks.map_chunks(
+      lambda xc: _forward_rows(xc, kernel, plan), x, plan.chunk)
 
 
 def _conv_fwd(x, kernel, plan):

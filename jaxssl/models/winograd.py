@@ -146,18 +146,11 @@ def _tiled_conv(x: jax.Array, kernel_tiles: jax.Array, pads: Pads,
   return _output_from_tiles(products, x.shape[0], x.shape[1:3], pads)
 
 
-def _over_chunks(fn, x: jax.Array, chunk: int) -> jax.Array:
-  if chunk >= x.shape[0]:
-    return fn(x)
-  return batch_chunks.merge(lax.map(fn, batch_chunks.split(x, chunk)),
-                            x.shape[0])
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv(x: jax.Array, kernel: jax.Array, plan: _Plan) -> jax.Array:
   kernel_tiles = _kernel_tiles(kernel)
-  return _over_chunks(lambda xs: _tiled_conv(xs, kernel_tiles, plan.pads),
-                      x, plan.chunk)
+  return batch_chunks.map_chunks(
+      lambda xs: _tiled_conv(xs, kernel_tiles, plan.pads), x, plan.chunk)
 
 
 def _conv_fwd(x, kernel, plan):
@@ -170,7 +163,7 @@ def _conv_bwd(plan, residuals, dy):
   # kernel, padded by 2 - p, which gives back the input's size.
   flipped = _kernel_tiles(kernel)[_FLIPPED]
   back_pads = tuple((2 - lo, 2 - hi) for lo, hi in plan.pads)
-  dx = _over_chunks(
+  dx = batch_chunks.map_chunks(
       lambda dys: _tiled_conv(dys, flipped, back_pads, transposed=True), dy,
       plan.chunk)
 
