@@ -191,16 +191,17 @@ _ONLY = dict(crop_area=(1.0, 1.0), flip=False, color_prob=0.0,
 
 
 @functools.lru_cache(maxsize=None)
-def _views_fn(overrides: tuple, out_size: int, num_views: int):
-  """One jitted `simclr_views` per (config, size, views): compiled once."""
+def _views_fn(overrides: tuple, out_size: int, num_views: int, impl: str):
+  """One jitted `simclr_views` per (config, size, views, loop)."""
   return jax.jit(functools.partial(
       augment_device.simclr_views, num_views=num_views, out_size=out_size,
-      config_augment=_config(**dict(overrides))))
+      config_augment=_config(**dict(overrides)), impl=impl))
 
 
-def _views(images, overrides: dict, *, out_size=None, num_views=2, seed=0):
+def _views(images, overrides: dict, *, out_size=None, num_views=2, seed=0,
+           impl='auto'):
   fn = _views_fn(tuple(sorted(overrides.items())),
-                 out_size or images.shape[1], num_views)
+                 out_size or images.shape[1], num_views, impl)
   return np.asarray(fn(images, jax.random.key(seed)))
 
 
@@ -215,15 +216,16 @@ def rgb_images():
   return np.random.RandomState(4).randint(0, 256, (n, 32, 32, 3), np.uint8)
 
 
+@pytest.mark.parametrize('impl', ['vectorized', 'sequential'])
 @pytest.mark.parametrize('name,overrides,p', [
     ('flip', dict(flip=True), 0.5),
     ('jitter', dict(color_prob=0.8), 0.8),
     ('grayscale', dict(grayscale_prob=0.2), 0.2),
     ('blur', dict(blur_prob=0.5), 0.5),
 ])
-def test_output_rates(rgb_images, name, overrides, p):
+def test_output_rates(rgb_images, name, overrides, p, impl):
   source = _to_float(rgb_images)
-  views = _views(rgb_images, {**_ONLY, **overrides})
+  views = _views(rgb_images, {**_ONLY, **overrides}, impl=impl)
   unchanged = np.all(views == source[:, None], axis=(2, 3, 4))
   if name == 'flip':
     # The flipped views are exactly the mirrored images.
@@ -304,6 +306,43 @@ def test_sharded_equals_single_device(mesh8):
                              atol=1e-5 * np.abs(single).max())
 
 
+@pytest.mark.parametrize('channels,source,out_size', [(3, 48, 40),
+                                                      (1, 32, 24)])
+def test_sequential_equals_vectorized(channels, source, out_size):
+  # The full recipe, blur included (5 taps at 40 px, 3 at 24), views that
+  # draw each op and views that do not.
+  images = np.random.RandomState(6).randint(
+      0, 256, (12, source, source, channels), np.uint8)
+  keys = jax.vmap(lambda i: jax.vmap(lambda v: jax.random.fold_in(
+      jax.random.fold_in(jax.random.key(9), i), v))(jnp.arange(2)))(
+          jnp.arange(12)).reshape(-1)
+  drawn = jax.vmap(functools.partial(
+      augment_device.sample_view_params, height=source, width=source,
+      channels=channels, config_augment=_config()))(keys)
+  for name in ('flip', 'jitter', 'blur'):
+    assert 0 < int(np.sum(drawn[name])) < 24, name
+  vectorized = _views(images, {}, out_size=out_size, seed=9,
+                      impl='vectorized')
+  sequential = _views(images, {}, out_size=out_size, seed=9,
+                      impl='sequential')
+  assert sequential.shape == (12, 2, out_size, out_size, channels)
+  np.testing.assert_allclose(sequential, vectorized, rtol=1e-5, atol=1e-5)
+  assert not np.array_equal(sequential[:, 0], sequential[:, 1])
+
+
+def test_resolve_impl(monkeypatch):
+  # This test process has 8 CPU devices: 'auto' keeps the sharded batch
+  # vectorised; a 1-device CPU run loops.
+  assert augment_device.resolve_impl('auto') == 'vectorized'
+  assert augment_device.resolve_impl('sequential') == 'sequential'
+  monkeypatch.setattr(jax, 'device_count', lambda: 1)
+  assert augment_device.resolve_impl('auto') == 'sequential'
+  assert augment_device.resolve_impl('vectorized') == 'vectorized'
+  with pytest.raises(ValueError, match="'loop'.*known: auto, vectorized, "
+                     'sequential'):
+    augment_device.resolve_impl('loop')
+
+
 @pytest.mark.parametrize('overrides,bad', [
     (dict(recipe='byol'), 'augment.recipe'),
     (dict(num_small_views=2), 'augment.num_small_views'),
@@ -336,6 +375,7 @@ def test_bench_subcommand_tiny(capsys):
                      '--batches', '1', '--repeats', '1'])
   report = json.loads(capsys.readouterr().out)
   assert code == 0 and report['ok']
+  assert report['device_impl'] == 'vectorized'  # 8 devices in this process
   (row,) = report['results']
   assert row['size'] == 8 and row['blur'] and row['batch'] == 4
   assert row['host_img_s'] > 0 and row['device_img_s'] > 0
@@ -348,9 +388,11 @@ def test_bench_stages_add_the_ops_one_by_one(capsys):
   import json
   from jaxssl.bench import __main__ as bench
   code = bench.main(['augment', '--json', '--sizes', '24', '--batch', '2',
-                     '--batches', '1', '--repeats', '1', '--stages'])
+                     '--batches', '1', '--repeats', '1', '--stages',
+                     '--impl', 'sequential'])
   report = json.loads(capsys.readouterr().out)
   assert code == 0 and report['ok']
+  assert report['device_impl'] == 'sequential'
   (row,) = report['results']
   stages = row['stages']
   assert [s['stage'] for s in stages] == [

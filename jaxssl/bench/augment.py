@@ -9,7 +9,9 @@ or off), on this machine:
   uses a fresh pipeline warmed by one batch, so nothing is prefetched while
   the device path runs;
 - device: `augment_device.simclr_views` jitted on the uint8 batch, already
-  on the device, timed to `block_until_ready` (compile time reported apart).
+  on the device, timed to `block_until_ready` (compile time reported apart),
+  with the loop `--impl` picks (`auto`: the sequential loop when the run
+  has one CPU device, as `python -m jaxssl.bench` has).
 Runs alternate (host, device, host, ...) so a change of machine load hits
 both; the median of `--repeats` timings counts. Figures are images per
 second (each image gives 2 views).
@@ -18,6 +20,7 @@ second (each image gives 2 views).
   python -m jaxssl.bench augment --sizes 224 --batch 64 --json
   python -m jaxssl.bench augment --sizes 32 --no-blur
   python -m jaxssl.bench augment --sizes 224 --batch 32 --stages
+  python -m jaxssl.bench augment --sizes 224 --impl vectorized
 
 `--stages` also times the device path with the recipe's ops switched on
 one by one (crop + resize, + flip, + jitter, + grayscale, + blur), to show
@@ -50,6 +53,10 @@ def add_arguments(parser) -> None:
                       help='batches per timing')
   parser.add_argument('--repeats', type=int, default=3,
                       help='alternating timings per path; the median counts')
+  parser.add_argument('--impl', default='auto',
+                      choices=('auto', 'vectorized', 'sequential'),
+                      help="the device path's loop (augment_device.simclr_views"
+                      "; 'auto': sequential on a 1-device CPU run)")
   parser.add_argument('--stages', action='store_true',
                       help='also time the device path op by op')
 
@@ -110,13 +117,13 @@ STAGES = (
 )
 
 
-def _device_fn(config_augment, size: int):
+def _device_fn(config_augment, size: int, impl: str):
   import functools
   import jax
   from jaxssl import augment_device
   return jax.jit(functools.partial(augment_device.simclr_views,
                                    num_views=NUM_VIEWS, out_size=size,
-                                   config_augment=config_augment))
+                                   config_augment=config_augment, impl=impl))
 
 
 def measure_stages(size: int, config_augment, device_images,
@@ -129,7 +136,7 @@ def measure_stages(size: int, config_augment, device_images,
       continue
     cfg = config_augment.copy_and_resolve_references()
     cfg.update(off)
-    fn = _device_fn(cfg, size)
+    fn = _device_fn(cfg, size, args.impl)
     fn(device_images, jax.random.key(0)).block_until_ready()
     timings = [_time_device(fn, device_images,
                             [jax.random.key(1000 * r + i)
@@ -150,7 +157,7 @@ def measure(size: int, args) -> dict:
   config_augment.blur_prob = 0.5 if args.blur else 0.0
   source = args.source_size or size
   images = _images(args.batch, source)
-  fn = _device_fn(config_augment, size)
+  fn = _device_fn(config_augment, size, args.impl)
   device_images = jax.device_put(images)
   start = time.perf_counter()
   fn(device_images, jax.random.key(0)).block_until_ready()
@@ -184,11 +191,14 @@ def run(args) -> dict:
     raise ValueError(f'--sizes={args.sizes} and --source-size='
                      f'{args.source_size} must be positive')
   import jax
+  from jaxssl import augment_device
+  impl = augment_device.resolve_impl(args.impl)
   machine = peak.machine_info()
   results = [measure(size, args) for size in args.sizes]
   machine['loadavg_after'] = peak.machine_info()['loadavg']
   return {'ok': True, 'machine': machine, 'backend': jax.default_backend(),
-          'views_per_image': NUM_VIEWS, 'results': results}
+          'views_per_image': NUM_VIEWS, 'device_impl': impl,
+          'results': results}
 
 
 def format_report(report: dict) -> str:
@@ -196,7 +206,8 @@ def format_report(report: dict) -> str:
   m = report['machine']
   lines = [f"backend {report['backend']}, {m['cpu_count']} CPUs, load "
            f"{m['loadavg'][0]:.1f} -> {m['loadavg_after'][0]:.1f}; "
-           f"{report['views_per_image']} views per image",
+           f"{report['views_per_image']} views per image; device loop "
+           f"{report['device_impl']}",
            f"{'size':>5} {'source':>6} {'blur':>5} {'batch':>5} "
            f"{'tf.data img/s':>14} {'device img/s':>13} {'ratio':>6} "
            f"{'compile s':>9}"]
