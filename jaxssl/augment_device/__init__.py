@@ -187,8 +187,11 @@ def _sequential_views(images: jax.Array, keys: jax.Array, *, out_size: int,
   def one_view(args):
     example, view_params = args
     image = _to_float(jax.lax.dynamic_index_in_dim(images, example, 0, False))
-    return _view_before_blur(image, view_params, out_size=out_size,
+    view = _view_before_blur(image, view_params, out_size=out_size,
                              config_augment=config_augment)
+    # Channels last here, in cache: a transpose of the whole batch after
+    # the loop would cost another pass through memory.
+    return jnp.moveaxis(view, 0, -1)
 
   examples = jnp.arange(keys.shape[0]) // (keys.shape[0] // n)
   views = jax.lax.map(one_view, (examples, params))
@@ -200,11 +203,12 @@ def _sequential_views(images: jax.Array, keys: jax.Array, *, out_size: int,
 
     def blur_one(j, views):
       k = drawn[j]
-      view = _blurred(views[k], params['sigma'][k])
-      return jax.lax.dynamic_update_index_in_dim(views, view, k, 0)
+      view = _blurred(jnp.moveaxis(views[k], -1, 0), params['sigma'][k])
+      return jax.lax.dynamic_update_index_in_dim(
+          views, jnp.moveaxis(view, 0, -1), k, 0)
 
     views = jax.lax.fori_loop(0, jnp.sum(params['blur']), blur_one, views)
-  return jnp.moveaxis(views, 1, -1)
+  return views
 
 
 def _check_args(images: jax.Array, num_views: int, out_size: int) -> None:
