@@ -273,7 +273,7 @@ def simclr_views(images: jax.Array, rng: jax.Array, *, num_views: int,
     the jitter's four positions). Right for TPUs, GPUs and sharded batches.
   - 'sequential': `lax.map` over the N * V views, one at a time, with real
     branches: a view pays only for the ops it draws, and its intermediates
-    stay in cache. 2.5x faster on CPU at 224 px (docs/benchmarks.md).
+    stay in cache. 2.2x faster on CPU at 224 px (docs/benchmarks.md).
 
   Args:
     images: uint8 (or float in [0, 1]) [N, H, W, C], C = 1 or 3; the global

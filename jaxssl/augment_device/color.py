@@ -2,8 +2,9 @@
 
 Saturation and hue are closed forms of tf.image's HSV round trips (no
 conversion to HSV and back); grayscale uses tf.image's luma weights. The
-random order of the four jitter ops is vectorisable: at each position all
-four ops are computed and the drawn one selected.
+random order of the four jitter ops is a `lax.switch` at each position: a
+real branch in `augment_device`'s sequential loop, and under vmap (its
+vectorised loop) all four ops computed and the drawn one selected.
 
 References:
   TensorFlow `adjust_saturation_op.cc`, `adjust_hue_op.cc`;
