@@ -9,9 +9,10 @@ tile `d` and the 3x3 kernel `g` as (Lavin & Gray, 2016, eq. 8)
 
 so the 36 multiplies per tile and channel pair of the direct convolution
 become 16: the convolution turns into 16 independent matmuls
-`[tiles, Cin] @ [Cin, Cout]`, 2.25x fewer FLOPs, and the transforms are
-small fixed matrices applied as matmuls too. The two gradients are exact
-algebra of the same form:
+`[tiles, Cin] @ [Cin, Cout]`, 2.25x fewer FLOPs. B^T and A^T hold only 0
+and +-1, so the input and output transforms are adds of strided slices
+(`_combine`); the kernel's G and the kernel gradient's A are small
+matmuls. The two gradients are exact algebra of the same form:
 
   input   dx = the same transform of dy with the kernel flipped and its
                channels swapped (padding 2 - p on each side);
@@ -91,27 +92,47 @@ def _tiling(in_hw, pads: Pads):
   return out, tuple(-(-size // 2) for size in out)
 
 
+def _combine(parts: list, matrix: np.ndarray) -> list:
+  """`matrix @ parts` for a constant matrix of 0 and +-1 entries, as adds."""
+  return [functools.reduce(lambda a, b: a + b,
+                           [p if w > 0 else -p
+                            for w, p in zip(row, parts) if w != 0])
+          for row in matrix]
+
+
 def _input_tiles(x: jax.Array, pads: Pads) -> jax.Array:
-  """`B^T d B` of every 4x4 input tile: `[16, B*nh*nw, C]`."""
+  """`B^T d B` of every 4x4 input tile: `[16, B*nh*nw, C]`.
+
+  B^T has entries 0 and +-1 only, so the transform is adds of strided
+  slices, rows then columns, written once, tile position major (the
+  `_INPUT_2D` order): 1.7-2x faster on CPU than the raw tiles stacked and
+  multiplied by `_INPUT_2D`, and no less exact (at most 4 terms).
+  """
   batch, height, width, channels = x.shape
   (out_h, out_w), (nh, nw) = _tiling((height, width), pads)
   # Pad past the output's far edge so that every tile is whole.
   x = jnp.pad(x, ((0, 0), (pads[0][0], pads[0][1] + 2 * nh - out_h),
                   (pads[1][0], pads[1][1] + 2 * nw - out_w), (0, 0)))
-  # Tile position major: the transform is one [16, 16] @ [16, T*C] product.
-  tiles = jnp.stack(
-      [x[:, i:i + 2 * nh - 1:2, j:j + 2 * nw - 1:2]
-       for i in range(4) for j in range(4)]).reshape(16, -1)
-  return jnp.dot(_INPUT_2D, tiles).reshape(16, batch * nh * nw, channels)
+  rows = [x[:, k:k + 2 * nh - 1:2] for k in range(4)]
+  tiles = []
+  for transformed in _combine(rows, _B_T):
+    tiles += _combine([transformed[:, :, k:k + 2 * nw - 1:2]
+                       for k in range(4)], _B_T)
+  return jnp.stack(tiles).reshape(16, batch * nh * nw, channels)
 
 
 def _output_from_tiles(products: jax.Array, batch: int, in_hw,
                        pads: Pads) -> jax.Array:
-  """`A^T m A` of `[16, B*nh*nw, O]` tile products: `[B, Ho, Wo, O]`."""
+  """`A^T m A` of `[16, B*nh*nw, O]` tile products: `[B, Ho, Wo, O]`.
+
+  A^T has entries 0 and +-1, so the transform is adds, as in `_input_tiles`.
+  """
   (out_h, out_w), (nh, nw) = _tiling(in_hw, pads)
   channels = products.shape[-1]
-  out = jnp.dot(_OUTPUT_2D, products.reshape(16, -1))  # [4, T*O]
-  out = out.reshape(2, 2, batch, nh, nw, channels).transpose(2, 3, 0, 4, 1, 5)
+  m = products.reshape(4, 4, batch, nh, nw, channels)
+  columns = _combine(list(m), _A_T)  # 2 x [4, B, nh, nw, O]
+  out = jnp.stack([jnp.stack(_combine(list(c), _A_T)) for c in columns])
+  out = out.transpose(2, 3, 0, 4, 1, 5)  # [B, nh, 2, nw, 2, O]
   return out.reshape(batch, 2 * nh, 2 * nw, channels)[:, :out_h, :out_w]
 
 
