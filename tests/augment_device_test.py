@@ -313,9 +313,7 @@ def test_sequential_equals_vectorized(channels, source, out_size):
   # draw each op and views that do not.
   images = np.random.RandomState(6).randint(
       0, 256, (12, source, source, channels), np.uint8)
-  keys = jax.vmap(lambda i: jax.vmap(lambda v: jax.random.fold_in(
-      jax.random.fold_in(jax.random.key(9), i), v))(jnp.arange(2)))(
-          jnp.arange(12)).reshape(-1)
+  keys = augment_device.view_keys(jax.random.key(9), 12, 2).reshape(-1)
   drawn = jax.vmap(functools.partial(
       augment_device.sample_view_params, height=source, width=source,
       channels=channels, config_augment=_config()))(keys)

@@ -124,7 +124,7 @@ def test_flattened_transforms_are_the_papers():
                              direct, rtol=1e-6)
   flat = winograd._OUTPUT_2D @ (
       (winograd._G @ kernel @ winograd._G.T).reshape(16) *
-      (winograd._INPUT_2D @ tile.reshape(16)))
+      (np.kron(winograd._B_T, winograd._B_T) @ tile.reshape(16)))
   np.testing.assert_allclose(flat.reshape(2, 2), direct, rtol=1e-6)
 
 

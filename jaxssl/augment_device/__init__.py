@@ -179,6 +179,7 @@ def _sequential_views(images: jax.Array, keys: jax.Array, *, out_size: int,
     float32 [N * V, S, S, C], example-major.
   """
   n, height, width, channels = images.shape
+  examples = jnp.repeat(jnp.arange(n), keys.shape[1])
   keys = keys.reshape(-1)
   params = jax.vmap(functools.partial(
       sample_view_params, height=height, width=width, channels=channels,
@@ -193,7 +194,6 @@ def _sequential_views(images: jax.Array, keys: jax.Array, *, out_size: int,
     # the loop would cost another pass through memory.
     return jnp.moveaxis(view, 0, -1)
 
-  examples = jnp.arange(keys.shape[0]) // (keys.shape[0] // n)
   views = jax.lax.map(one_view, (examples, params))
   if config_augment.blur_prob > 0:
     # Only the views that drew the blur, in a loop of that many steps: a
@@ -232,6 +232,14 @@ def _to_float(images: jax.Array) -> jax.Array:
   if images.dtype == jnp.uint8:
     return images.astype(jnp.float32) * UINT8_SCALE
   return images.astype(jnp.float32)
+
+
+def view_keys(rng: jax.Array, num_examples: int,
+              num_views: int) -> jax.Array:
+  """The key of every view: `fold_in(fold_in(rng, n), v)`, shape [N, V]."""
+  return jax.vmap(lambda n: jax.vmap(lambda v: jax.random.fold_in(
+      jax.random.fold_in(rng, n), v))(jnp.arange(num_views)))(
+          jnp.arange(num_examples))
 
 
 def resolve_impl(impl: str) -> str:
@@ -296,8 +304,7 @@ def simclr_views(images: jax.Array, rng: jax.Array, *, num_views: int,
   check_supported(config_augment)
   impl = resolve_impl(impl)
   n, height, width, channels = images.shape
-  keys = jax.vmap(lambda i: jax.vmap(lambda v: jax.random.fold_in(
-      jax.random.fold_in(rng, i), v))(jnp.arange(num_views)))(jnp.arange(n))
+  keys = view_keys(rng, n, num_views)
   if impl == 'sequential':
     out = _sequential_views(images, keys, out_size=out_size,
                             config_augment=config_augment)
