@@ -122,7 +122,7 @@ def test_flattened_transforms_are_the_papers():
                       for j in range(2)] for i in range(2)])
   np.testing.assert_allclose(winograd._A_T @ product @ winograd._A_T.T,
                              direct, rtol=1e-6)
-  flat = winograd._OUTPUT_2D @ (
+  flat = np.kron(winograd._A_T, winograd._A_T) @ (
       (winograd._G @ kernel @ winograd._G.T).reshape(16) *
       (np.kron(winograd._B_T, winograd._B_T) @ tile.reshape(16)))
   np.testing.assert_allclose(flat.reshape(2, 2), direct, rtol=1e-6)

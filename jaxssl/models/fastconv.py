@@ -281,7 +281,7 @@ def impl_for_devices(impl: str, local_devices: int) -> str:
 def conv2d(x: jax.Array, kernel: jax.Array, *,
            strides: int | Sequence[int] = 1, padding: Padding = 'SAME',
            impl: str = 'auto',
-           chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> jax.Array:
+           chunk_bytes: int | None = None) -> jax.Array:
   """2-D convolution (cross-correlation, as `lax.conv_general_dilated`).
 
   Same values and gradients as `lax.conv_general_dilated(x, kernel, strides,
@@ -298,8 +298,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, *,
     padding: 'SAME', 'VALID' or explicit `((top, bottom), (left, right))`.
     impl: 'auto' (CPU: im2col matmuls or Winograd, see module docstring;
       elsewhere 'xla'), 'im2col' (every product a matmul) or 'xla'.
-    chunk_bytes: patches per loop step of the im2col paths; input bytes
-      per loop step of the Winograd path.
+    chunk_bytes: patches per loop step of the im2col paths, input bytes
+      per loop step of the Winograd path; None: each path's measured
+      default (`DEFAULT_CHUNK_BYTES`, `winograd.DEFAULT_CHUNK_BYTES`).
 
   Returns:
     `[batch, out_height, out_width, out_channels]` in the dtype of `x`.
@@ -317,8 +318,10 @@ def conv2d(x: jax.Array, kernel: jax.Array, *,
     raise ValueError(
         f'conv2d got x of dtype {x.dtype} and kernel of dtype '
         f'{kernel.dtype}; cast both to the compute dtype')
-  if not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-    raise ValueError(f'chunk_bytes={chunk_bytes!r} must be a positive int')
+  if chunk_bytes is not None and (not isinstance(chunk_bytes, int) or
+                                  chunk_bytes <= 0):
+    raise ValueError(
+        f'chunk_bytes={chunk_bytes!r} must be a positive int or None')
   strides = _strides_pair(strides)
   kh, kw, cin, cout = kernel.shape
   pads = _explicit_pads(padding, tuple(x.shape[1:3]), (kh, kw), strides)
@@ -335,7 +338,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *,
                  kh * kw * cin <= cout)
   if (impl == 'auto-cpu' and not matmul_data and
       winograd.supports(kernel.shape, strides, pads, x.dtype)):
-    return winograd.conv3x3(x, kernel, pads, chunk_bytes)
+    return winograd.conv3x3(x, kernel, pads,
+                            chunk_bytes or winograd.DEFAULT_CHUNK_BYTES)
   chunk = _chunk_size(x.shape[0], kernel.shape, out_hw, x.dtype.itemsize,
-                      matmul_data, chunk_bytes)
+                      matmul_data, chunk_bytes or DEFAULT_CHUNK_BYTES)
   return _conv(x, kernel, _Plan(strides, pads, matmul_data, chunk))
