@@ -253,12 +253,16 @@ def test_compare_jax_worker_serves_steps():
   try:
     ready = worker.read()
     answer = worker.request({'steps': 2})
+    warmed = worker.request({'steps': 1, 'warmup': 2})
     final = worker.close()
   finally:
     if worker.proc.poll() is None:
       worker.proc.kill()
   assert ready['status'] == 'ready' and positive(ready['model_flops'])
   assert len(answer['times_s']) == 2 and all(map(positive, answer['times_s']))
+  assert answer['turn_warmup_s'] == []
+  assert len(warmed['times_s']) == 1 and len(warmed['turn_warmup_s']) == 2
+  assert all(map(positive, warmed['times_s'] + warmed['turn_warmup_s']))
   assert final['compiles_after_first'] == 0
   assert positive(final['peak_flops_per_s'])
   assert positive(final['peak_rss_bytes'])

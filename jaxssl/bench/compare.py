@@ -7,10 +7,14 @@ per image at the same global batch, synthetic data (see
 through `jaxssl.bench.step`, one simulated device). Each side lives in its
 own worker process, built and warmed up once: one per jaxssl conv impl and
 one for PyTorch (`torch.set_num_threads(cpu count)`). The parent then runs
-`--rounds` rounds; in each, every worker in turn runs `--steps` timed steps
-while the others wait idle on a pipe (so they do not compete for cores),
-and the order rotates between rounds. Medians over all rounds give img/s;
-the ratio jaxssl / PyTorch is in the same run, under the same load.
+`--rounds` rounds; in each, every worker in turn runs `--turn-warmup`
+untimed steps, then `--steps` timed ones, while the others wait idle on a
+pipe (so they do not compete for cores); the order rotates between rounds.
+Medians over all rounds give img/s; the ratio jaxssl / PyTorch is in the
+same run, under the same load. The untimed steps measure each side's
+steady state: on the 2-core VM of docs/benchmarks.md the first step after
+another worker's turn ran up to 1.4x slower for jaxssl and 1.1x for
+PyTorch at batch 256 (reported as `turn_warmup_s`).
 
   python -m jaxssl.bench compare --batch 64 256
   python -m jaxssl.bench compare --json --batch 64 --rounds 5
@@ -53,6 +57,9 @@ def add_arguments(parser) -> None:
                       help='timed steps per worker per round')
   parser.add_argument('--warmup', type=int, default=1,
                       help='untimed steps after the first call')
+  parser.add_argument('--turn-warmup', type=int, default=1,
+                      help='untimed steps at the start of each turn (a '
+                      "worker's steps after another worker ran)")
   parser.add_argument('--channels-last', action='store_true',
                       help='PyTorch convs in NHWC memory order')
   parser.add_argument('--settle-s', type=float, default=0.5,
@@ -140,7 +147,9 @@ def _torch_worker(case: dict):
 
 
 def worker_main(case: dict) -> None:
-  """Serves `{"steps": k}` requests on stdin with one JSON line each.
+  """Serves `{"steps": k, "warmup": w}` requests, one JSON line each.
+
+  Each request runs w untimed (`turn_warmup_s`) then k timed steps.
 
   Prints one JSON line when ready, then one per request; on `{"quit":
   true}` or end of input prints a final line with the peak RSS and exits.
@@ -152,8 +161,10 @@ def worker_main(case: dict) -> None:
     request = json.loads(line)
     if request.get('quit'):
       break
-    times, loss = run_steps(request['steps'])
-    print(json.dumps({'times_s': times, 'loss': loss}), flush=True)
+    warmup = request.get('warmup', 0)
+    times, loss = run_steps(warmup + request['steps'])
+    print(json.dumps({'times_s': times[warmup:], 'loss': loss,
+                      'turn_warmup_s': times[:warmup]}), flush=True)
   print(json.dumps(dict(final(), peak_rss_bytes=peak_lib.peak_rss_bytes())),
         flush=True)
 
@@ -211,14 +222,17 @@ def compare_batch(args, batch: int) -> dict:
     for case in _worker_cases(args, batch):
       worker = Worker(case, args.worker_timeout)
       workers.append(worker)
-      sides[case['name']] = dict(worker.read(), times_s=[])
+      sides[case['name']] = dict(worker.read(), times_s=[], turn_warmup_s=[])
     for round_index in range(args.rounds):
       shift = round_index % len(workers)
       for worker in workers[shift:] + workers[:shift]:
         time.sleep(args.settle_s)
-        answer = worker.request({'steps': args.steps})
-        sides[worker.case['name']]['times_s'] += answer['times_s']
-        sides[worker.case['name']]['loss'] = answer['loss']
+        answer = worker.request({'steps': args.steps,
+                                 'warmup': args.turn_warmup})
+        side = sides[worker.case['name']]
+        side['times_s'] += answer['times_s']
+        side['turn_warmup_s'] += answer['turn_warmup_s']
+        side['loss'] = answer['loss']
     for worker in workers:
       sides[worker.case['name']].update(worker.close())
   finally:
@@ -257,9 +271,9 @@ def run(args) -> dict:
   missing = torch_missing_reason()
   if missing:
     return dict(report, ok=False, status='torch-missing', message=missing)
-  if args.rounds <= 0 or args.steps <= 0:
+  if args.rounds <= 0 or args.steps <= 0 or args.turn_warmup < 0:
     raise ValueError(f'--rounds={args.rounds} and --steps={args.steps} must '
-                     'be positive')
+                     f'be positive, --turn-warmup={args.turn_warmup} >= 0')
   results = []
   for batch in args.batch:
     try:
@@ -283,7 +297,8 @@ def format_report(report: dict) -> str:
     return report['message']
   machine, cfg = report['machine'], report['config']
   lines = [f'SimCLR ResNet-18 CIFAR step, float32, synthetic 32x32x3, '
-           f'{cfg["rounds"]} rounds x {cfg["steps"]} steps per side; '
+           f'{cfg["rounds"]} rounds x ({cfg["turn_warmup"]} untimed + '
+           f'{cfg["steps"]} timed) steps per side; '
            f'{machine["cpu_count"]} CPUs, load {machine["loadavg"][0]:.1f} -> '
            f'{machine["loadavg_end"][0]:.1f}; {report["date"]}', '',
            '| batch | side | step (ms, median) | img/s | views/s | MFU (XLA) | '
