@@ -55,7 +55,7 @@ _KERNEL_2D = np.kron(_G, _G)
 # G applied to a reversed 3-vector is G with rows 0 and 3 swapped, so the
 # transform of the spatially flipped kernel is a permutation of the 16.
 _FLIPPED = np.array([4 * a + b for a in (3, 1, 2, 0) for b in (3, 1, 2, 0)])
-# Input bytes per loop step over the batch. On a 2-core AVX-512 CPU (2 MiB
+# Input bytes per loop step over the batch. On a 2-core AVX-512 CPU (1 MiB
 # L2 per core, 32 MiB L3), 2 MiB ran the ResNet-18 CIFAR step at batch 64
 # 4% faster than 1 MiB and 1% faster than 4 MiB.
 DEFAULT_CHUNK_BYTES = 2**21
