@@ -13,7 +13,7 @@ pipe (so they do not compete for cores); the order rotates between rounds.
 Medians over all rounds give img/s; the ratio jaxssl / PyTorch is in the
 same run, under the same load. The untimed steps measure each side's
 steady state: on the 2-core VM of docs/benchmarks.md the first step after
-another worker's turn ran up to 1.4x slower for jaxssl and 1.1x for
+another worker's turn ran up to 1.7x slower for jaxssl and 1.1x for
 PyTorch at batch 256 (reported as `turn_warmup_s`).
 
   python -m jaxssl.bench compare --batch 64 256
