@@ -10,9 +10,10 @@ tile `d` and the 3x3 kernel `g` as (Lavin & Gray, 2016, eq. 8)
 so the 36 multiplies per tile and channel pair of the direct convolution
 become 16: the convolution turns into 16 independent matmuls
 `[tiles, Cin] @ [Cin, Cout]`, 2.25x fewer FLOPs. B^T and A^T hold only 0
-and +-1, so the input and output transforms are adds of strided slices
-(`_combine`); the kernel's G and the kernel gradient's A are small
-matmuls. The two gradients are exact algebra of the same form:
+and +-1, so the input and output transforms (and the kernel gradient's
+A dY A^T) are adds of strided slices (`_combine`); only the kernel's
+G g G^T, and its transpose in the kernel gradient, is a small matmul. The
+two gradients are exact algebra of the same form:
 
   input   dx = the same transform of dy with the kernel flipped and its
                channels swapped (padding 2 - p on each side);
@@ -101,6 +102,18 @@ def _combine(parts: list, matrix: np.ndarray) -> list:
           for row in matrix]
 
 
+def _transform_2d(grid: list, matrix: np.ndarray) -> list:
+  """`matrix @ grid @ matrix^T` of a 2-D list of arrays, as adds.
+
+  `grid[r][c]` for r, c < matrix.shape[1]; returns `[i][j]` for i, j <
+  matrix.shape[0]: rows combined first (per column), then columns.
+  """
+  by_column = [_combine([row[c] for row in grid], matrix)
+               for c in range(len(grid[0]))]  # [c][i]
+  return [_combine([column[i] for column in by_column], matrix)
+          for i in range(matrix.shape[0])]
+
+
 def _input_tiles(x: jax.Array, pads: Pads) -> list[jax.Array]:
   """`B^T d B` of every 4x4 input tile: 16 arrays `[B*nh*nw, C]`.
 
@@ -133,10 +146,8 @@ def _output_from_tiles(products: list[jax.Array], batch: int, in_hw,
   (out_h, out_w), (nh, nw) = _tiling(in_hw, pads)
   channels = products[0].shape[-1]
   m = [p.reshape(batch, nh, nw, channels) for p in products]
-  # Rows of A^T m: for each tile column j, combine the 4 rows m[4 i + j].
-  by_column = [_combine(m[j::4], _A_T) for j in range(4)]  # [j][r]
-  out = jnp.stack([jnp.stack(_combine([by_column[j][r] for j in range(4)],
-                                      _A_T)) for r in range(2)])
+  out = _transform_2d([m[4 * i:4 * i + 4] for i in range(4)], _A_T)
+  out = jnp.stack([jnp.stack(row) for row in out])  # [2, 2, B, nh, nw, O]
   out = out.transpose(2, 3, 0, 4, 1, 5)  # [B, nh, 2, nw, 2, O]
   return out.reshape(batch, 2 * nh, 2 * nw, channels)[:, :out_h, :out_w]
 
@@ -152,13 +163,10 @@ def _output_tiles_transposed(dy: jax.Array, in_hw,
   dy = jnp.pad(dy, ((0, 0), (0, 2 * nh - out_h), (0, 2 * nw - out_w),
                     (0, 0)))
   dy = dy.reshape(batch, nh, 2, nw, 2, channels)
-  # Rows of A dY: for each tile column s, combine the 2 rows dy[:, :, r, s].
-  by_column = [_combine([dy[:, :, r, :, s] for r in range(2)], _A_T.T)
-               for s in range(2)]  # [s][i]
-  tiles = []
-  for i in range(4):
-    tiles += _combine([by_column[s][i] for s in range(2)], _A_T.T)
-  return [tile.reshape(batch * nh * nw, channels) for tile in tiles]
+  tiles = _transform_2d([[dy[:, :, r, :, s] for s in range(2)]
+                         for r in range(2)], _A_T.T)
+  return [tile.reshape(batch * nh * nw, channels)
+          for row in tiles for tile in row]
 
 
 def _kernel_tiles(kernel: jax.Array) -> jax.Array:
