@@ -89,9 +89,7 @@ class ProjectionHead(nn.Module):
       h = layers.BatchNorm(
           momentum=self.bn_momentum, epsilon=self.bn_epsilon,
           num_groups=self.bn_groups, use_bias=not last, dtype=self.dtype,
-          name=f'bn_{i}')(h, train)
-      if not last:
-        h = nn.relu(h)
+          name=f'bn_{i}')(h, train, relu=not last)
       hiddens.append(h.astype(jnp.float32))
     if return_hiddens:
       return hiddens[-1], hiddens
@@ -176,8 +174,9 @@ class MLPHead(nn.Module):
       x = dense(self.hidden_dim, use_bias=self.hidden_bias,
                 name=f'dense_{i}')(x)
       if self.use_bn:
-        x = norm(name=f'bn_{i}')(x, train)
-      x = nn.relu(x)
+        x = norm(name=f'bn_{i}')(x, train, relu=True)
+      else:
+        x = nn.relu(x)
     last = self.num_layers - 1
     x = dense(self.output_dim, use_bias=self.output_bias,
               name=f'dense_{last}')(x)

@@ -6,7 +6,9 @@ runs in the global view: under `jax.jit` on a batch sharded over the `'data'`
 mesh axis its statistics are those of the whole global batch (exact
 cross-replica BN, as SimCLR's `global_bn`, BYOL's `cross_replica_axis` and
 MoCo v3's SyncBN), and `num_groups` gives per-group statistics (MoCo v2
-shuffle-BN, SwAV's per-node SyncBN) without any collective.
+shuffle-BN, SwAV's per-node SyncBN) without any collective. On a CPU
+backend its training-mode gradient is `fused_norm`'s hand-written VJP, with
+a block's residual add and ReLU fused in (`BatchNorm.impl`).
 
 Parameters are always float32; `dtype` is the compute dtype. Naming rule
 relied on by `jaxssl.optim`: every BatchNorm submodule has 'bn' or 'norm' in
@@ -21,11 +23,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxssl.models import fastconv
+from jaxssl.models import fastconv, fused_norm
 
 Initializer = Callable[..., jax.Array]
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# `BatchNorm.impl`: 'auto' is 'fused' for float32 on a CPU backend, else
+# 'autodiff' (so TPU and GPU programs are unchanged).
+BN_IMPLS = ('auto', 'fused', 'autodiff')
 
 # TF1 `tf.variance_scaling_initializer()`: scale 1, fan_in, truncated normal
 # (stddev corrected for the truncation), the init of SimCLR's convolutions.
@@ -175,6 +180,10 @@ class BatchNorm(nn.Module):
     scale_init: initializer of gamma (zeros for zero-init residual blocks).
     bias_init: initializer of beta.
     dtype: output dtype.
+    impl: training-mode gradient (`BN_IMPLS`): 'fused' is
+      `fused_norm.normalize`'s hand-written VJP (float32 only; the residual
+      add and ReLU fused in), 'autodiff' is JAX's autodiff of the same
+      forward, 'auto' picks 'fused' for float32 on a CPU backend.
 
   References:
     Ioffe & Szegedy, 2015; google-research/simclr `resnet.py` (global_bn);
@@ -189,14 +198,20 @@ class BatchNorm(nn.Module):
   scale_init: Initializer = nn.initializers.ones
   bias_init: Initializer = nn.initializers.zeros
   dtype: Any = jnp.float32
+  impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool,
+               residual: jax.Array | None = None,
+               relu: bool = False) -> jax.Array:
     """Normalises `x` with batch statistics (train) or running averages.
 
     Args:
       x: `[batch, ..., features]`, the global batch (sharded or not).
       train: use and update batch statistics; else use running averages.
+      residual: optional array shaped like `x`, added to the output (a
+        residual block's shortcut).
+      relu: apply ReLU last (after the residual).
 
     Returns:
       An array shaped like `x`, in `dtype`.
@@ -205,40 +220,77 @@ class BatchNorm(nn.Module):
       raise ValueError(
           f'BatchNorm num_groups={self.num_groups!r} must be a positive '
           'integer')
+    if self.impl not in BN_IMPLS:
+      raise ValueError(f'BatchNorm impl={self.impl!r}; known: '
+                       f"{', '.join(BN_IMPLS)}")
+    if residual is not None and residual.shape != x.shape:
+      raise ValueError(f'BatchNorm residual shape {residual.shape} differs '
+                       f'from the input shape {x.shape}')
     features = x.shape[-1]
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,),
                             jnp.float32)
     ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,),
                            jnp.float32)
-    x32 = x.astype(jnp.float32)
-    if train:
-      mean, var = self._group_stats(x32)
-      if not self.is_initializing():
-        m = self.momentum
-        ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(0)
-        ra_var.value = m * ra_var.value + (1 - m) * var.mean(0)
+    scale = (self.param('scale', self.scale_init, (features,), jnp.float32)
+             if self.use_scale else None)
+    bias = (self.param('bias', self.bias_init, (features,), jnp.float32)
+            if self.use_bias else None)
+    if train and self._use_fused(x, residual):
+      self._check_groups(x.shape[0])
+      y, mean, var = fused_norm.normalize(
+          x.astype(jnp.float32),
+          jnp.ones((features,)) if scale is None else scale,
+          jnp.zeros((features,)) if bias is None else bias,
+          num_groups=self.num_groups, epsilon=self.epsilon,
+          residual=None if residual is None else residual.astype(
+              jnp.float32), relu=relu)
+      y = y.astype(self.dtype)
     else:
-      mean, var = ra_mean.value[None], ra_var.value[None]
+      if train:
+        mean, var = self._group_stats(x.astype(jnp.float32))
+      else:
+        mean, var = ra_mean.value[None], ra_var.value[None]
+      y = self._affine(x, mean, var, scale, bias)
+      if residual is not None:
+        y = y + residual
+      if relu:
+        y = nn.relu(y)
+    if train and not self.is_initializing():
+      m = self.momentum
+      ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(0)
+      ra_var.value = m * ra_var.value + (1 - m) * var.mean(0)
+    return y
+
+  def _use_fused(self, x: jax.Array, residual: jax.Array | None) -> bool:
+    if self.impl != 'auto':
+      return self.impl == 'fused'
+    float32 = all(a is None or a.dtype == jnp.float32
+                  for a in (x, residual)) and self.dtype == jnp.float32
+    return float32 and jax.default_backend() == 'cpu'
+
+  def _affine(self, x, mean, var, scale, bias) -> jax.Array:
+    """`(x - mean) * rsqrt(var + eps) * scale + bias`, per group, in dtype."""
     mul = lax.rsqrt(var + self.epsilon)
-    if self.use_scale:
-      mul = mul * self.param('scale', self.scale_init, (features,),
-                             jnp.float32)
+    if scale is not None:
+      mul = mul * scale
     groups = mean.shape[0]
-    xg = x32.reshape((groups, -1) + x.shape[1:])
-    shape = (groups,) + (1,) * (x.ndim - 1) + (features,)
+    xg = x.astype(jnp.float32).reshape((groups, -1) + x.shape[1:])
+    shape = (groups,) + (1,) * (x.ndim - 1) + (x.shape[-1],)
     y = (xg - mean.reshape(shape)) * mul.reshape(shape)
-    if self.use_bias:
-      y = y + self.param('bias', self.bias_init, (features,), jnp.float32)
+    if bias is not None:
+      y = y + bias
     return y.reshape(x.shape).astype(self.dtype)
 
-  def _group_stats(self, x32: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Returns per-group `(mean, var)`, each `[num_groups, features]`."""
-    batch = x32.shape[0]
+  def _check_groups(self, batch: int) -> None:
     if batch % self.num_groups:
       raise ValueError(
           f'BatchNorm batch size {batch} is not divisible by num_groups='
           f'{self.num_groups}; use a batch that is a multiple of it')
-    xg = x32.reshape((self.num_groups, batch // self.num_groups)
+
+  def _group_stats(self, x32: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Returns per-group `(mean, var)`, each `[num_groups, features]`."""
+    self._check_groups(x32.shape[0])
+    xg = x32.reshape((self.num_groups, x32.shape[0] // self.num_groups)
                      + x32.shape[1:])
     axes = tuple(range(1, xg.ndim - 1))
     mean = xg.mean(axes)

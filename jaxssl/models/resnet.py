@@ -67,11 +67,11 @@ class BasicBlock(_Block):
     shortcut = self._shortcut(x, self.filters, train)
     y = layers.conv(self.filters, 3, self.strides, name='conv1',
                     dtype=self.dtype, impl=self.conv_impl)(x)
-    y = nn.relu(self._norm('bn1')(y, train))
+    y = self._norm('bn1')(y, train, relu=True)
     y = layers.conv(self.filters, 3, 1, name='conv2', dtype=self.dtype,
                     impl=self.conv_impl)(y)
-    y = self._norm('bn2', zero_init=True)(y, train)
-    return nn.relu(y + shortcut)
+    return self._norm('bn2', zero_init=True)(y, train, residual=shortcut,
+                                             relu=True)
 
 
 class BottleneckBlock(_Block):
@@ -88,14 +88,14 @@ class BottleneckBlock(_Block):
     shortcut = self._shortcut(x, out_features, train)
     y = layers.conv(self.filters, 1, 1, name='conv1', dtype=self.dtype,
                     impl=self.conv_impl)(x)
-    y = nn.relu(self._norm('bn1')(y, train))
+    y = self._norm('bn1')(y, train, relu=True)
     y = layers.conv(self.filters, 3, self.strides, name='conv2',
                     dtype=self.dtype, impl=self.conv_impl)(y)
-    y = nn.relu(self._norm('bn2')(y, train))
+    y = self._norm('bn2')(y, train, relu=True)
     y = layers.conv(out_features, 1, 1, name='conv3', dtype=self.dtype,
                     impl=self.conv_impl)(y)
-    y = self._norm('bn3', zero_init=True)(y, train)
-    return nn.relu(y + shortcut)
+    return self._norm('bn3', zero_init=True)(y, train, residual=shortcut,
+                                             relu=True)
 
 
 # depth -> (block, blocks per stage); SimCLR's `model_params` table.
@@ -178,11 +178,11 @@ class ResNet(nn.Module):
     if self.cifar_stem:
       x = layers.conv(width, 3, 1, name='stem_conv', dtype=self.dtype,
                       impl=self.conv_impl)(x)
-      x = nn.relu(norm(name='stem_bn')(x, train))
+      x = norm(name='stem_bn')(x, train, relu=True)
     else:
       x = layers.conv(width, 7, 2, name='stem_conv', dtype=self.dtype,
                       impl=self.conv_impl)(x)
-      x = nn.relu(norm(name='stem_bn')(x, train))
+      x = norm(name='stem_bn')(x, train, relu=True)
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
     for stage, num_blocks in enumerate(stage_sizes):
       for index in range(num_blocks):

@@ -83,11 +83,11 @@ class SmallCNN(nn.Module):
       x = layers.conv(width * self.width_multiplier, 3, 1,
                       name=f'stage{stage + 1}_conv', dtype=self.dtype,
                       impl=self.conv_impl)(x)
-      x = nn.relu(norm(name=f'stage{stage + 1}_bn')(x, train))
+      x = norm(name=f'stage{stage + 1}_bn')(x, train, relu=True)
     x = x.reshape(x.shape[0], -1)
     x = nn.Dense(self.feature_dim, use_bias=False, dtype=self.dtype,
                  param_dtype=jnp.float32, name='fc')(x)
-    x = nn.relu(norm(name='fc_bn')(x, train))
+    x = norm(name='fc_bn')(x, train, relu=True)
     return x.astype(jnp.float32)
 
 
@@ -137,10 +137,10 @@ class TinyCNN(nn.Module):
     w = self.width_multiplier
     x = layers.conv(8 * w, 3, 1, name='conv1', dtype=self.dtype,
                     impl=self.conv_impl)(x)
-    x = nn.relu(norm(name='bn1')(x, train))
+    x = norm(name='bn1')(x, train, relu=True)
     x = layers.conv(16 * w, 3, 2, name='conv2', dtype=self.dtype,
                     impl=self.conv_impl)(x)
-    x = nn.relu(norm(name='bn2')(x, train))
+    x = norm(name='bn2')(x, train, relu=True)
     return x.astype(jnp.float32).mean(axis=(1, 2))
 
 
