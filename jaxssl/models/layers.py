@@ -29,7 +29,7 @@ Initializer = Callable[..., jax.Array]
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # `BatchNorm.impl`: 'auto' is 'fused' for float32 on a CPU backend, else
-# 'autodiff' (so TPU and GPU programs are unchanged).
+# 'autodiff' (TPU and GPU keep JAX's autodiff).
 BN_IMPLS = ('auto', 'fused', 'autodiff')
 
 # TF1 `tf.variance_scaling_initializer()`: scale 1, fan_in, truncated normal
@@ -235,8 +235,12 @@ class BatchNorm(nn.Module):
              if self.use_scale else None)
     bias = (self.param('bias', self.bias_init, (features,), jnp.float32)
             if self.use_bias else None)
+    if train and x.shape[0] % self.num_groups:
+      raise ValueError(
+          f'BatchNorm batch size {x.shape[0]} is not divisible by '
+          f'num_groups={self.num_groups}; use a batch that is a multiple of '
+          'it')
     if train and self._use_fused(x, residual):
-      self._check_groups(x.shape[0])
       y, mean, var = fused_norm.normalize(
           x.astype(jnp.float32),
           jnp.ones((features,)) if scale is None else scale,
@@ -247,7 +251,8 @@ class BatchNorm(nn.Module):
       y = y.astype(self.dtype)
     else:
       if train:
-        mean, var = self._group_stats(x.astype(jnp.float32))
+        mean, var = fused_norm.group_statistics(x.astype(jnp.float32),
+                                                self.num_groups)
       else:
         mean, var = ra_mean.value[None], ra_var.value[None]
       y = self._affine(x, mean, var, scale, bias)
@@ -280,20 +285,3 @@ class BatchNorm(nn.Module):
     if bias is not None:
       y = y + bias
     return y.reshape(x.shape).astype(self.dtype)
-
-  def _check_groups(self, batch: int) -> None:
-    if batch % self.num_groups:
-      raise ValueError(
-          f'BatchNorm batch size {batch} is not divisible by num_groups='
-          f'{self.num_groups}; use a batch that is a multiple of it')
-
-  def _group_stats(self, x32: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Returns per-group `(mean, var)`, each `[num_groups, features]`."""
-    self._check_groups(x32.shape[0])
-    xg = x32.reshape((self.num_groups, x32.shape[0] // self.num_groups)
-                     + x32.shape[1:])
-    axes = tuple(range(1, xg.ndim - 1))
-    mean = xg.mean(axes)
-    # Clip: E[x^2] - E[x]^2 can round below zero.
-    var = jnp.maximum(0.0, jnp.square(xg).mean(axes) - jnp.square(mean))
-    return mean, var
