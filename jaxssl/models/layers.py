@@ -21,7 +21,6 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jaxssl.models import fastconv, fused_norm
 
@@ -255,7 +254,8 @@ class BatchNorm(nn.Module):
                                                 self.num_groups)
       else:
         mean, var = ra_mean.value[None], ra_var.value[None]
-      y = self._affine(x, mean, var, scale, bias)
+      y = fused_norm.affine(x, mean, var, scale, bias,
+                            self.epsilon).astype(self.dtype)
       if residual is not None:
         y = y + residual
       if relu:
@@ -272,16 +272,3 @@ class BatchNorm(nn.Module):
     float32 = all(a is None or a.dtype == jnp.float32
                   for a in (x, residual)) and self.dtype == jnp.float32
     return float32 and jax.default_backend() == 'cpu'
-
-  def _affine(self, x, mean, var, scale, bias) -> jax.Array:
-    """`(x - mean) * rsqrt(var + eps) * scale + bias`, per group, in dtype."""
-    mul = lax.rsqrt(var + self.epsilon)
-    if scale is not None:
-      mul = mul * scale
-    groups = mean.shape[0]
-    xg = x.astype(jnp.float32).reshape((groups, -1) + x.shape[1:])
-    shape = (groups,) + (1,) * (x.ndim - 1) + (x.shape[-1],)
-    y = (xg - mean.reshape(shape)) * mul.reshape(shape)
-    if bias is not None:
-      y = y + bias
-    return y.reshape(x.shape).astype(self.dtype)
