@@ -103,6 +103,23 @@ def test_heartbeat_timeout_has_a_floor(no_cluster):
     distributed.maybe_initialize_distributed(heartbeat_timeout_seconds=2)
 
 
+@pytest.mark.parametrize('devices, has_libtpu, expected', [
+    ({'0000:00:04.0': ('0x1ae0', '0x0063')}, True, True),  # a v5e chip
+    ({'0000:00:04.0': ('0x1ae0', '0x0063')}, False, False),  # no libtpu
+    ({'0000:00:05.0': ('0x1ae0', '0x0042')}, True, False),  # gVNIC, no TPU
+    ({'0000:00:06.0': ('0x10de', '0x2330')}, True, False),  # an H100
+    ({}, True, False),
+])
+def test_cloud_tpu_vm_is_detected_from_pci_ids_and_libtpu(
+    tmp_path, devices, has_libtpu, expected):
+  for name, (vendor, device) in devices.items():
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'vendor').write_text(vendor + '\n')
+    (tmp_path / name / 'device').write_text(device + '\n')
+  assert distributed._on_cloud_tpu_vm(  # pylint: disable=protected-access
+      str(tmp_path), has_libtpu=has_libtpu) is expected
+
+
 def test_exit_with_error_in_one_process_is_sys_exit():
   with pytest.raises(SystemExit) as e:
     distributed.exit_with_error('jaxssl: error: boom')
