@@ -233,9 +233,10 @@ class PeerMonitor:
   """Decides from the watchdog's key-value entries whether to stop.
 
   Pure bookkeeping (no I/O, time passed in), so it is tested without
-  processes. Entries of the hub (`jaxssl.peer_hub`): `beat/<q>` holds process q's heartbeat counter, `exit/<q>` says that q
-  left, either `'left'` (finished, or stopping because of another process)
-  or `'error: <message>'`.
+  processes. Entries of the hub (`jaxssl.peer_hub`): `beat/<q>` holds
+  process q's heartbeat counter, `exit/<q>` says that q left, either
+  `'left'` (finished, or stopping because of another process) or
+  `'error: <message>'`.
   """
 
   def __init__(self, process_id: int, num_processes: int,

@@ -58,8 +58,7 @@ class HubServer:
     class Handler(socketserver.StreamRequestHandler):
 
       def handle(self):
-        with hub._lock:  # pylint: disable=protected-access
-          hub._connections.add(self.connection)  # pylint: disable=protected-access
+        hub.track(self.connection)
         for line in self.rfile:
           self.wfile.write(hub.answer(line) + b'\n')
           self.wfile.flush()
@@ -74,6 +73,11 @@ class HubServer:
     self.port = self._server.server_address[1]
     threading.Thread(target=self._server.serve_forever, name='jaxssl-hub',
                      daemon=True).start()
+
+  def track(self, connection: socket.socket) -> None:
+    """Remembers a client's connection, for `close` to drop."""
+    with self._lock:
+      self._connections.add(connection)
 
   def answer(self, line: bytes) -> bytes:
     """The reply (one JSON line, without the newline) to one request line."""
