@@ -51,8 +51,10 @@ class Checkpointer:
     self.directory = absolute(workdir) / _CHECKPOINTS
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_names=('state', 'meta'))
+        options=ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+            create=True),
+        handler_registry=_handler_registry())
 
   def latest_step(self) -> int | None:
     """The step of the newest complete checkpoint, or None."""
@@ -84,10 +86,29 @@ class Checkpointer:
     self._manager.close()
 
 
-def _reader(directory: epath.Path, **kwargs) -> ocp.CheckpointManager:
+def _handler_registry(state_restore: type[ocp.args.CheckpointArgs]
+                      = ocp.args.StandardRestore
+                      ) -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+  """The items of a training checkpoint: `state` (arrays) and `meta` (JSON).
+
+  orbax's current way to name items (`item_names` and `item_handlers` are
+  deprecated). `state_restore` picks the handler that reads `state`:
+  StandardRestore for the whole state, PyTreeRestore for a partial restore.
+  """
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  registry.add('state', ocp.args.StandardSave)
+  registry.add('state', state_restore)
+  registry.add('meta', ocp.args.JsonSave)
+  registry.add('meta', ocp.args.JsonRestore)
+  return registry
+
+
+def _reader(directory: epath.Path, state_restore: type[ocp.args.CheckpointArgs]
+            = ocp.args.StandardRestore) -> ocp.CheckpointManager:
   # Not `read_only=True`: orbax logs three warnings per read-only manager.
   return ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(create=False), **kwargs)
+      directory, options=ocp.CheckpointManagerOptions(create=False),
+      handler_registry=_handler_registry(state_restore))
 
 
 def read_training_meta(workdir: str, step: int | None = None
@@ -100,7 +121,7 @@ def read_training_meta(workdir: str, step: int | None = None
   directory = absolute(workdir) / _CHECKPOINTS
   if not directory.exists():
     raise FileNotFoundError(f'no checkpoints under {directory}')
-  manager = _reader(directory, item_names=('state', 'meta'))
+  manager = _reader(directory)
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no complete checkpoint under {directory}')
@@ -131,9 +152,7 @@ def shapes_by_path(tree: PyTree) -> dict[tuple[str, ...], tuple[int, ...]]:
 def saved_state_shapes(workdir: str, step: int
                        ) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Shapes of every array in the saved TrainState of `step` (metadata only)."""
-  manager = _reader(absolute(workdir) / _CHECKPOINTS,
-                    item_handlers={'state': ocp.StandardCheckpointHandler(),
-                                   'meta': ocp.JsonCheckpointHandler()})
+  manager = _reader(absolute(workdir) / _CHECKPOINTS)
   return shapes_by_path(manager.item_metadata(step)['state'])
 
 
@@ -154,7 +173,7 @@ def restore_encoder_from_training(workdir: str, step: int,
   if abstract_variables.get('batch_stats'):
     item['batch_stats'] = {'encoder': abstract_variables['batch_stats']}
   manager = _reader(absolute(workdir) / _CHECKPOINTS,
-                    item_names=('state', 'meta'))
+                    state_restore=ocp.args.PyTreeRestore)
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeRestore(
           item=item,

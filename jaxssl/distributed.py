@@ -3,12 +3,14 @@
 A multi-host run starts the same program once per host.
 `maybe_initialize_distributed` connects the processes through JAX's
 coordination service and starts a watchdog thread in each: every process
-publishes a heartbeat counter in the service's key-value store, and a process
+publishes a heartbeat counter in a small key-value hub that process 0 serves
+(`jaxssl.peer_hub`; JAX's own store has no public client), and a process
 whose peer stops beating (killed, crashed, preempted) or reports an error
 exits with one line naming that peer, instead of waiting forever inside a
 collective. See docs/scaling.md.
 """
 
+import glob
 import importlib.util
 import os
 import sys
@@ -19,6 +21,8 @@ from typing import Mapping, NoReturn
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+from jaxssl import peer_hub
 
 # Environment equivalents of the --coordinator_address, --num_processes and
 # --process_id flags (the flags win).
@@ -32,7 +36,11 @@ MIN_HEARTBEAT_TIMEOUT_SECONDS = 5
 _JAX_HEARTBEAT_FACTOR = 2
 _SLURM_VARS = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS',
                'SLURM_PROCID', 'SLURM_LOCALID')  # what jax's detection reads
-_KEY_PREFIX = 'jaxssl/watchdog/'
+# PCI ids of Cloud TPU chips: Google's vendor id and the TPU device ids
+# (v2/v3, v4, v5p, v5e, v6e, 7x). Other Google devices (gVNIC) share the vendor.
+_GOOGLE_PCI_VENDOR = '0x1ae0'
+_TPU_PCI_DEVICES = frozenset(
+    {'0x0027', '0x005e', '0x0062', '0x0063', '0x006f', '0x0076'})
 _LEFT = 'left'
 _ERROR = 'error: '
 
@@ -92,13 +100,32 @@ def _int(environ: Mapping[str, str], name: str, default: int = 1) -> int:
     raise ValueError(f'{name}={value!r} must be an integer') from None
 
 
-def _on_cloud_tpu_vm() -> bool:
-  """Whether jax found TPU chips and libtpu at import (a Cloud TPU VM)."""
-  try:
-    from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
-  except ImportError:
+def _on_cloud_tpu_vm(pci_devices: str = '/sys/bus/pci/devices',
+                     has_libtpu: bool | None = None) -> bool:
+  """Whether this is a Cloud TPU VM: TPU chips on the PCI bus, and libtpu.
+
+  The same two signals that jax's TPU backend checks at import, read from
+  sysfs and the installed packages (no network, no private jax module).
+
+  Args:
+    pci_devices: the sysfs folder of PCI devices (a test passes a fake one).
+    has_libtpu: whether libtpu is installed; looked up when None.
+  """
+  if has_libtpu is None:
+    has_libtpu = importlib.util.find_spec('libtpu') is not None
+  if not has_libtpu:
     return False
-  return bool(getattr(cloud_tpu_init, 'running_in_cloud_tpu_vm', False))
+  for device in glob.glob(os.path.join(pci_devices, '*')):
+    try:
+      with open(os.path.join(device, 'vendor')) as f:
+        vendor = f.read().strip()
+      with open(os.path.join(device, 'device')) as f:
+        device_id = f.read().strip()
+    except OSError:
+      continue
+    if vendor == _GOOGLE_PCI_VENDOR and device_id in _TPU_PCI_DEVICES:
+      return True
+  return False
 
 
 def process_flags(coordinator_address: str | None, num_processes: int | None,
@@ -188,7 +215,8 @@ def maybe_initialize_distributed(
       coordinator_address=address, num_processes=count, process_id=index,
       heartbeat_timeout_seconds=_JAX_HEARTBEAT_FACTOR
       * heartbeat_timeout_seconds)
-  _start_watchdog(heartbeat_timeout_seconds)
+  _start_watchdog(heartbeat_timeout_seconds,
+                  address.rpartition(':')[0] if address else None)
   return True
 
 
@@ -205,10 +233,10 @@ class PeerMonitor:
   """Decides from the watchdog's key-value entries whether to stop.
 
   Pure bookkeeping (no I/O, time passed in), so it is tested without
-  processes. Entries are keyed relative to the watchdog prefix:
-  `beat/<q>` holds process q's heartbeat counter, `exit/<q>` says that q
-  left, either `'left'` (finished, or stopping because of another process)
-  or `'error: <message>'`.
+  processes. Entries of the hub (`jaxssl.peer_hub`): `beat/<q>` holds
+  process q's heartbeat counter, `exit/<q>` says that q left, either
+  `'left'` (finished, or stopping because of another process) or
+  `'error: <message>'`.
   """
 
   def __init__(self, process_id: int, num_processes: int,
@@ -251,13 +279,12 @@ class PeerMonitor:
 class _Watchdog:
   """The heartbeat thread of one process; see the module docstring."""
 
-  def __init__(self, client, process_id: int, num_processes: int,
-               timeout_seconds: float, coordinator_address: str):
+  def __init__(self, client: peer_hub.HubClient, process_id: int,
+               num_processes: int, timeout_seconds: float):
     self._client = client
     self._id = process_id
-    self._address = coordinator_address
     self.timeout_seconds = timeout_seconds
-    self.interval = max(1.0, timeout_seconds / 10)
+    self.interval = _beat_interval(timeout_seconds)
     self._monitor = PeerMonitor(process_id, num_processes, timeout_seconds,
                                 time.monotonic())
     self._stop = threading.Event()
@@ -269,13 +296,12 @@ class _Watchdog:
     self._publish('beat', '0')
     self._thread.start()
 
-  def _publish(self, kind: str, value: str) -> None:
-    self._client.key_value_set(f'{_KEY_PREFIX}{kind}/{self._id}', value,
-                               allow_overwrite=True)
+  def _publish(self, kind: str, value: str) -> dict[str, str]:
+    """Sets this process's `kind/<id>` entry; returns every entry."""
+    return self._client.exchange({f'{kind}/{self._id}': value})
 
   def _entries(self) -> dict[str, str]:
-    return {key.removeprefix(_KEY_PREFIX): value for key, value
-            in self._client.key_value_dir_get(_KEY_PREFIX)}
+    return self._client.exchange({})
 
   def _run(self) -> None:
     beat, last_answer = 0, time.monotonic()
@@ -283,15 +309,14 @@ class _Watchdog:
       beat += 1
       now = time.monotonic()
       try:
-        self._publish('beat', str(beat))
-        entries = self._entries()
-      except Exception as e:  # pylint: disable=broad-except
-        # Only process 0's death silences the store itself.
+        entries = self._publish('beat', str(beat))
+      except ConnectionError as e:
+        # Only process 0's death silences the hub itself.
         if now - last_answer > self.timeout_seconds:
           self.leave(
               f'jaxssl: error: lost process 0 of '
-              f'{self._monitor.num_processes} (it runs the coordination '
-              f'service at {self._address}): no answer for '
+              f'{self._monitor.num_processes} (it runs the watchdog hub at '
+              f'{self._client.address}): no answer for '
               f'{now - last_answer:.0f} s ({_first_line(e)})', publish=None)
         continue
       last_answer = now
@@ -340,6 +365,12 @@ class _Watchdog:
 
 
 _watchdog: _Watchdog | None = None
+_hub: peer_hub.HubServer | None = None  # process 0 only
+
+
+def _beat_interval(timeout_seconds: float) -> float:
+  """Seconds between heartbeats (and the hub's answer timeout)."""
+  return max(1.0, timeout_seconds / 10)
 
 
 def _first_line(error: BaseException) -> str:
@@ -347,13 +378,17 @@ def _first_line(error: BaseException) -> str:
   return text.splitlines()[0] if text else type(error).__name__
 
 
-def _start_watchdog(timeout_seconds: float) -> None:
-  global _watchdog
-  # jax has no public accessor for the coordination-service client.
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  state = distributed.global_state
-  _watchdog = _Watchdog(state.client, state.process_id, state.num_processes,
-                        timeout_seconds, state.coordinator_address)
+def _start_watchdog(timeout_seconds: float,
+                    coordinator_host: str | None) -> None:
+  """Starts the hub (process 0) and this process's heartbeat thread.
+
+  A collective: every process calls it right after initialising.
+  """
+  global _watchdog, _hub
+  _hub, client = peer_hub.share_hub(
+      coordinator_host, timeout_seconds=_beat_interval(timeout_seconds))
+  _watchdog = _Watchdog(client, jax.process_index(), jax.process_count(),
+                        timeout_seconds)
   _watchdog.start()
 
 

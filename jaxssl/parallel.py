@@ -12,7 +12,6 @@ import math
 from typing import Sequence
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
@@ -21,12 +20,18 @@ DATA_AXIS = 'data'
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Returns a 1-D mesh named `'data'` with an Auto axis type.
 
+  Built with `jax.make_mesh`, which orders the devices for the hardware's
+  interconnect (a ring on TPU; `jax.devices()` order on CPU and GPU). The
+  axis type is given explicitly: `jax.make_mesh` defaults to Explicit axes
+  in JAX >= 0.9, and jaxssl's global-view program needs Auto (design.md §2).
+
   Args:
-    devices: the devices to span, in order; all of `jax.devices()` (every
-      process's devices, in a multi-host run) by default.
+    devices: the devices to span; all of `jax.devices()` (every process's
+      devices, in a multi-host run) by default.
   """
   devices = list(jax.devices() if devices is None else devices)
-  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+  return jax.make_mesh((len(devices),), (DATA_AXIS,),
+                       axis_types=(AxisType.Auto,), devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -1,12 +1,16 @@
 """The multi-process runtime's settings, detection and peer bookkeeping.
 
-Real processes (init, heartbeat, a killed peer) are in multihost_test.py.
+Real processes (init, heartbeat, a killed peer) are in multihost_test.py;
+here the watchdog thread runs against a real hub on loopback.
 """
+
+import threading
 
 import jax
 import pytest
 
 from jaxssl import distributed
+from jaxssl import peer_hub
 
 _CLUSTER_VARS = (
     'SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
@@ -103,6 +107,23 @@ def test_heartbeat_timeout_has_a_floor(no_cluster):
     distributed.maybe_initialize_distributed(heartbeat_timeout_seconds=2)
 
 
+@pytest.mark.parametrize('devices, has_libtpu, expected', [
+    ({'0000:00:04.0': ('0x1ae0', '0x0063')}, True, True),  # a v5e chip
+    ({'0000:00:04.0': ('0x1ae0', '0x0063')}, False, False),  # no libtpu
+    ({'0000:00:05.0': ('0x1ae0', '0x0042')}, True, False),  # gVNIC, no TPU
+    ({'0000:00:06.0': ('0x10de', '0x2330')}, True, False),  # an H100
+    ({}, True, False),
+])
+def test_cloud_tpu_vm_is_detected_from_pci_ids_and_libtpu(
+    tmp_path, devices, has_libtpu, expected):
+  for name, (vendor, device) in devices.items():
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'vendor').write_text(vendor + '\n')
+    (tmp_path / name / 'device').write_text(device + '\n')
+  assert distributed._on_cloud_tpu_vm(  # pylint: disable=protected-access
+      str(tmp_path), has_libtpu=has_libtpu) is expected
+
+
 def test_exit_with_error_in_one_process_is_sys_exit():
   with pytest.raises(SystemExit) as e:
     distributed.exit_with_error('jaxssl: error: boom')
@@ -178,3 +199,46 @@ def test_exit_after_error_tells_the_peers(monkeypatch, error, message):
     distributed.exit_after_error(error)
   assert watchdog.published == [(f'jaxssl: error: {message}',
                                  f'error: {message}')]
+
+
+class _RecordingWatchdog(distributed._Watchdog):  # pylint: disable=protected-access
+  """A real watchdog whose `leave` records instead of ending the process."""
+
+  def __init__(self, *args):
+    super().__init__(*args)
+    self.left = threading.Event()
+    self.message = None
+
+  def leave(self, message, *, publish):
+    self.message = message
+    self.left.set()
+    self._stop.set()  # pylint: disable=protected-access  (ends the thread)
+
+
+def test_watchdog_names_process_0_when_its_hub_dies():
+  hub = peer_hub.HubServer('127.0.0.1')
+  client = peer_hub.HubClient(['127.0.0.1'], hub.port, hub.token,
+                              timeout_seconds=1)
+  watchdog = _RecordingWatchdog(client, 1, 2, 5)
+  watchdog.start()
+  assert not watchdog.left.wait(2)  # process 0 has not beaten yet: quiet
+  hub.close()
+  assert watchdog.left.wait(15)
+  assert watchdog.message.startswith(
+      'jaxssl: error: lost process 0 of 2 (it runs the watchdog hub at '
+      f'127.0.0.1:{hub.port}): no answer for ')
+
+
+def test_watchdog_names_a_peer_that_stops_beating():
+  hub = peer_hub.HubServer('127.0.0.1')
+  try:
+    peer = peer_hub.HubClient(['127.0.0.1'], hub.port, hub.token, 1)
+    peer.exchange({'beat/1': '0'})
+    watchdog = _RecordingWatchdog(
+        peer_hub.HubClient(['127.0.0.1'], hub.port, hub.token, 1), 0, 2, 5)
+    watchdog.start()
+    assert watchdog.left.wait(15)
+    assert watchdog.message.startswith(
+        'jaxssl: error: lost process 1 of 2: no heartbeat for ')
+  finally:
+    hub.close()

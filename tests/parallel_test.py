@@ -1,6 +1,7 @@
 """Mesh and batch-divisibility checks of jaxssl.parallel."""
 
 import jax
+from jax.sharding import AxisType
 import pytest
 
 from jaxssl import parallel
@@ -10,6 +11,13 @@ def test_make_mesh_spans_the_devices_in_order(mesh8):
   assert mesh8.axis_names == (parallel.DATA_AXIS,)
   assert list(mesh8.devices) == jax.devices()[:8]
   assert parallel.make_mesh().devices.size == jax.device_count()
+
+
+def test_make_mesh_axis_is_auto_even_for_a_subset():
+  # jax.make_mesh defaults to Explicit axes; the global-view step needs Auto.
+  mesh = parallel.make_mesh(jax.devices()[2:5])
+  assert mesh.axis_types == (AxisType.Auto,)
+  assert list(mesh.devices) == jax.devices()[2:5]
 
 
 @pytest.mark.parametrize('global_batch_size, process_count, message', [

@@ -5,10 +5,11 @@
   python -m jaxssl.bench peak
   python -m jaxssl.bench step --config configs/simclr_cifar10.py --batch 64
   python -m jaxssl.bench input --config configs/simclr_fashion_mnist.py
-  python -m jaxssl.bench compare --batch 64 256
   python -m jaxssl.bench augment --sizes 32 224 --json
 
-See `jaxssl/bench/__init__.py` for the subcommand contract.
+See `jaxssl/bench/__init__.py` for the subcommand contract. The PyTorch
+comparison is not part of the package: `python -m benchmarks.compare` from
+the repository root (benchmarks/README.md).
 """
 
 import argparse
@@ -16,7 +17,6 @@ import json
 import sys
 
 from jaxssl.bench import augment
-from jaxssl.bench import compare
 from jaxssl.bench import input as input_bench
 from jaxssl.bench import losses
 from jaxssl.bench import peak
@@ -27,7 +27,6 @@ SUBCOMMANDS = {
     'peak': peak,
     'step': step,
     'input': input_bench,
-    'compare': compare,
     'augment': augment,
 }
 

@@ -3,7 +3,7 @@
 Both sides: ResNet-18 with the CIFAR stem, SimCLR v2's 3-layer head,
 NT-Xent (tau 0.5) and a SimCLR LARS update, float32, 2 views of 32x32x3
 per image at the same global batch, synthetic data (see
-`jaxssl/bench/torch_simclr.py`; jaxssl's side is `configs/simclr_cifar10.py`
+`benchmarks/torch_simclr.py`; jaxssl's side is `configs/simclr_cifar10.py`
 through `jaxssl.bench.step`, one simulated device). Each side lives in its
 own worker process, built and warmed up once: one per jaxssl conv impl and
 one for PyTorch (`torch.set_num_threads(cpu count)`). The parent then runs
@@ -16,14 +16,18 @@ steady state: on the 2-core VM of docs/benchmarks.md the first step after
 another worker's turn ran up to 1.7x slower for jaxssl and 1.1x for
 PyTorch at batch 256 (reported as `turn_warmup_s`).
 
-  python -m jaxssl.bench compare --batch 64 256
-  python -m jaxssl.bench compare --json --batch 64 --rounds 5
+Run from the repository root (this folder is not part of the installed
+package; jaxssl itself must be importable, installed or on PYTHONPATH):
 
-PyTorch is the optional extra `jaxssl[bench]`; without it the command says
-how to install it and exits with status 1 (`JAXSSL_BENCH_NO_TORCH=1`
+  python -m benchmarks.compare --batch 64 256
+  python -m benchmarks.compare --json --batch 64 --rounds 5
+
+PyTorch is listed in `benchmarks/requirements.txt`; without it the command
+says how to install it and exits with status 1 (`JAXSSL_BENCH_NO_TORCH=1`
 simulates that).
 """
 
+import argparse
 import importlib.util
 import json
 import os
@@ -36,11 +40,12 @@ import time
 
 from jaxssl.bench import peak as peak_lib
 
-HELP = 'SimCLR ResNet-18 CIFAR step: jaxssl vs PyTorch img/s, alternating'
 HIDE_TORCH_ENV = 'JAXSSL_BENCH_NO_TORCH'
-INSTALL_HINT = ("pip install 'jaxssl[bench]' (or, for the CPU-only wheel: "
-                'pip install torch --index-url '
+INSTALL_HINT = ('pip install -r benchmarks/requirements.txt (or, for the '
+                'CPU-only wheel: pip install torch --index-url '
                 'https://download.pytorch.org/whl/cpu)')
+# The repository root: workers run `-m benchmarks.compare` from there.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def add_arguments(parser) -> None:
@@ -76,9 +81,8 @@ def torch_missing_reason() -> str | None:
             f'nothing to compare against; unset it, or install it: '
             f'{INSTALL_HINT}')
   if importlib.util.find_spec('torch') is None:
-    return ('PyTorch is not installed (it is the optional extra '
-            f"'jaxssl[bench]'), so there is nothing to compare against: "
-            f'{INSTALL_HINT}')
+    return ('PyTorch is not installed (see benchmarks/requirements.txt), so '
+            f'there is nothing to compare against: {INSTALL_HINT}')
   return None
 
 
@@ -121,7 +125,7 @@ def _jax_worker(case: dict):
 def _torch_worker(case: dict):
   """Builds the PyTorch step; returns `(ready facts, run_steps, final)`."""
   import torch  # pylint: disable=g-import-not-at-top
-  from jaxssl.bench import torch_simclr  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_simclr  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count())
   model = torch_simclr.SimCLRStep(channels_last=case['channels_last'])
   views = torch.rand(case['batch'], 2, 3, 32, 32,
@@ -176,7 +180,8 @@ class Worker:
     self.case, self.timeout_s = case, timeout_s
     self.stderr = tempfile.TemporaryFile('w+')
     self.proc = subprocess.Popen(
-        [sys.executable, '-m', 'jaxssl.bench.compare', json.dumps(case)],
+        [sys.executable, '-m', 'benchmarks.compare', '--worker',
+         json.dumps(case)], cwd=REPO,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
         env=peak_lib.child_env(1), text=True)
 
@@ -320,7 +325,29 @@ def format_report(report: dict) -> str:
   return '\n'.join(lines)
 
 
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='python -m benchmarks.compare', description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--json', action='store_true',
+                      help='print the report as JSON, not a table')
+  add_arguments(parser)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the comparison (or, with `--worker CASE_JSON`, one worker)."""
+  argv = sys.argv[1:] if argv is None else argv
+  if argv[:1] == ['--worker']:
+    from jaxssl import runtime  # pylint: disable=g-import-not-at-top
+    runtime.configure_process()
+    worker_main(json.loads(argv[1]))
+    return 0
+  args = build_parser().parse_args(argv)
+  report = run(args)
+  print(json.dumps(report, indent=2) if args.json else format_report(report))
+  return 0 if report['ok'] else 1
+
+
 if __name__ == '__main__':
-  from jaxssl import runtime  # pylint: disable=g-import-not-at-top
-  runtime.configure_process()
-  worker_main(json.loads(sys.argv[1]))
+  sys.exit(main())

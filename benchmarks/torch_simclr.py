@@ -1,7 +1,8 @@
 """The SimCLR CIFAR step of `configs/simclr_cifar10.py`, in PyTorch.
 
-Only `jaxssl.bench.compare` imports this module, and only when torch is
-installed (`pip install 'jaxssl[bench]'`). It mirrors jaxssl's step:
+Only `benchmarks/compare.py` imports this module, and only when torch is
+installed (`pip install -r benchmarks/requirements.txt`). It mirrors
+jaxssl's step:
 - ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max-pool), basic
   blocks of widths 64-512, BatchNorm (momentum 0.9 in jaxssl's convention,
   epsilon 1e-5), zero-initialised last BN scale in every block, a 1x1
