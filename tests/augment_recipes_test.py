@@ -129,7 +129,9 @@ def test_torchvision_jitter_accepts_strengths_above_one():
 ])
 def test_check_config_names_the_bad_simclr_value(override, message):
   with pytest.raises(ValueError, match=message):
-    recipes.check_config(recipe_config('simclr', **override))
+    config = recipe_config('simclr')
+    config.update(override)
+    recipes.check_config(config)
 
 
 def test_recipe_names_and_laws():
