@@ -11,10 +11,9 @@ import math
 
 import ml_collections
 
-from jaxssl import augment
-from jaxssl import augment_device
 from jaxssl import methods
 from jaxssl import models
+from jaxssl.augment import recipes
 
 
 def defaults(method: str = 'simclr') -> ml_collections.ConfigDict:
@@ -69,10 +68,6 @@ def defaults(method: str = 'simclr') -> ml_collections.ConfigDict:
   c.augment.num_small_views = 0  # multi-crop small crops per image (SwAV)
   c.augment.small_image_size = 96
   c.augment.small_crop_area = (0.05, 0.14)
-  # True: the input pipeline yields uint8 images at dataset.image_size and
-  # the train step makes the views on device (jaxssl.augment_device; the
-  # SimCLR recipe only).
-  c.augment.on_device = False
 
   c.model = ml_collections.ConfigDict()
   c.model.encoder = 'resnet50'
@@ -156,12 +151,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'dataset.image_size={config.dataset.image_size} must be positive')
   _require(config.dataset.num_shards >= 0,
            f'dataset.num_shards={config.dataset.num_shards} must be >= 0')
-  augment.check_config(config.augment)
-  _require(isinstance(config.augment.on_device, bool),
-           f'augment.on_device={config.augment.on_device!r} must be True or '
-           'False')
-  if config.augment.on_device:
-    augment_device.check_supported(config.augment)
+  recipes.check_config(config.augment)
   models.validate_model_config(config.model)
   _require(config.head.num_layers >= 0 and config.head.output_dim > 0,
            f'head.num_layers={config.head.num_layers} must be >= 0 and '

@@ -16,16 +16,17 @@ Order of the pretraining data (B = global_batch_size, S = dataset.num_shards,
   [t * b, (t + 1) * b); process p reads shards [p S / P, (p + 1) S / P) and
   concatenates them in shard order, so the global batch is the same for
   every P that divides S;
-- view v of the example at (shard i, epoch e, position j) is augmented with
+- view v of the example at (shard i, epoch e, position j) is cropped with
   the stateless seed fold_in(seed, i, e, 2, j, v); the global crops are
   v = 0 .. V - 1 and the multi-crop small crops v = V .. V + V_small - 1.
 Images are decoded after the skip to the resume point, so resuming costs
 reading, not decoding, the skipped records.
 
-With `augment.on_device` the pipeline makes no views: it yields each image
-as uint8 at dataset.image_size x dataset.image_size (`device_image`), and
-the train step augments on device (`jaxssl.steps`, `jaxssl.augment_device`).
-The data order is the same as without it.
+The host makes the crops of every view from the original image
+(`augment.host.crop_view`: random resized crop, resize, flip); the colour,
+grayscale, blur and solarize steps run in the train step on the device
+(`augment.device.finish_views`, called by `jaxssl.steps`). Each example also
+carries its label and its index in the train split.
 """
 
 import dataclasses
@@ -38,9 +39,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from jaxssl import augment
-from jaxssl import augment_device
 from jaxssl import datasets  # importing it hides the GPUs from TensorFlow
+from jaxssl.augment import host
+from jaxssl.augment import recipes
 
 # tf.data functions here are plain graph code; autograph's conversion would
 # only slow tracing and log warnings about lambdas it cannot parse.
@@ -56,11 +57,11 @@ class _Plan:
   shard_indices: tuple[int, ...]  # the global shard numbers this process reads
   shard_splits: tuple  # their tfds split specs
   shard_sizes: tuple[int, ...]
+  shard_offsets: tuple[int, ...]  # index in the split of each shard's first
   cached: tuple | None  # decoded (images, labels) per shard, or None
   per_shard_batch_size: int
   steps_per_epoch: int
   config: ml_collections.ConfigDict
-  view_fn: Callable[..., tf.Tensor]
 
 
 def num_shards(config: ml_collections.ConfigDict, process_count: int) -> int:
@@ -109,9 +110,7 @@ def _make_plan(config, process_index: int, process_count: int) -> _Plan:
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} must be in '
                      f'[0, {process_count})')
-  augment.check_config(config.augment)
-  if _on_device(config):
-    augment_device.check_supported(config.augment)
+  recipes.check_config(config.augment)
   builder = datasets.get_builder(config.dataset)
   image_key, label_key = datasets.feature_keys(builder)
   per_process = shards // process_count
@@ -137,10 +136,10 @@ def _make_plan(config, process_index: int, process_count: int) -> _Plan:
                    for s in splits)
   return _Plan(builder=builder, image_key=image_key, label_key=label_key,
                shard_indices=indices, shard_splits=splits,
-               shard_sizes=tuple(sizes[i] for i in indices), cached=cached,
-               per_shard_batch_size=per_shard_batch_size,
-               steps_per_epoch=steps, config=config,
-               view_fn=augment.get_recipe(config.augment.recipe))
+               shard_sizes=tuple(sizes[i] for i in indices),
+               shard_offsets=tuple(sum(sizes[:i]) for i in indices),
+               cached=cached, per_shard_batch_size=per_shard_batch_size,
+               steps_per_epoch=steps, config=config)
 
 
 def _read(builder, split, image_key, label_key, *, decode: bool):
@@ -167,7 +166,7 @@ def _load_decoded(builder, split, image_key, label_key):
 
 
 def _shard_stream(plan: _Plan, slot: int, start_step: int) -> tf.data.Dataset:
-  """Endless `(shard, epoch, position, image, label)` batches of b examples.
+  """Endless `(shard, epoch, position, image, label, index)` batches of b.
 
   Images are still encoded (or decoded, from the cache); views are made
   after the shards are merged, so the augmentation is traced once.
@@ -180,6 +179,9 @@ def _shard_stream(plan: _Plan, slot: int, start_step: int) -> tf.data.Dataset:
                    plan.label_key, decode=False)
   else:
     source = tf.data.Dataset.from_tensor_slices(plan.cached[slot])
+  offset = plan.shard_offsets[slot]
+  source = source.enumerate().map(_plain(
+      lambda i, ex: (ex[0], ex[1], i + offset)))
   num_drop = size - steps * b
   first_epoch, skip_steps = divmod(start_step, steps)
 
@@ -206,7 +208,7 @@ def _shard_stream(plan: _Plan, slot: int, start_step: int) -> tf.data.Dataset:
                     tf.constant(0, tf.int64))
     return ds.skip(skip).map(_plain(
         lambda position, ex: (tf.constant(shard, tf.int64), epoch, position,
-                              ex[0], ex[1])))
+                              ex[0], ex[1], ex[2])))
 
   # Every epoch holds steps * b examples (minus the skip), so batches never
   # straddle two epochs.
@@ -219,47 +221,29 @@ def _shard_seed(seed: int, shard) -> tf.Tensor:
 
 
 def _view_functions(plan: _Plan) -> Callable[..., tf.Tensor]:
-  """`view(image, seed, v)`, traced once per distinct `augment.view_spec`.
+  """`view(image, seed, v)`, traced once per distinct `view_spec` crop.
 
-  The augmentations use tf.cond and tf.switch_case themselves; autograph's
-  conversion would only slow the trace down. Views with the same spec (all
-  of SimCLR's; SwAV's global and small groups) share one trace.
+  Views with the same crop area and size (all of SimCLR's; SwAV's global
+  and small groups) share one trace; autograph stays off, the ops use
+  tf.cond themselves.
   """
   cfg = plan.config
   traced = {}
 
   def view(image, seed, v):
-    spec = augment.view_spec(cfg.augment, v)
-    if spec not in traced:
+    spec = recipes.view_spec(cfg.augment, v)
+    trace_key = (spec.small, spec.crop_area)
+    if trace_key not in traced:
       out_size = (cfg.augment.small_image_size if spec.small
                   else cfg.dataset.image_size)
-      traced[spec] = tf.function(
-          lambda image, seed, v=v, out_size=out_size: plan.view_fn(
+      traced[trace_key] = tf.function(
+          lambda image, seed, v=v, out_size=out_size: host.crop_view(
               image, seed, view_index=v, out_size=out_size,
               config_augment=cfg.augment),
           autograph=False)
-    return traced[spec](image, seed)
+    return traced[trace_key](image, seed)
 
   return view
-
-
-def _on_device(config) -> bool:
-  return bool(config.augment.on_device)
-
-
-def device_image(image: tf.Tensor, size: int) -> tf.Tensor:
-  """uint8 [H, W, C] -> uint8 [size, size, C] for on-device augmentation.
-
-  Images of that size pass unchanged; others are resized whole (bicubic,
-  antialiased when shrinking, rounded to uint8) so that they batch. The
-  device crops from this image, not the original (Fashion-MNIST at 16 px
-  loses detail the host path keeps).
-  """
-  if tuple(image.shape[:2]) == (size, size):
-    return image
-  resized = tf.image.resize(image, (size, size), method='bicubic',
-                            antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
 def _train_dataset(plan: _Plan, start_step: int) -> tf.data.Dataset:
@@ -275,16 +259,14 @@ def _train_dataset(plan: _Plan, start_step: int) -> tf.data.Dataset:
   num_total = num_global + cfg.augment.num_small_views
 
   @_plain
-  def make_views(shard, epoch, position, image, label):
+  def make_views(shard, epoch, position, image, label, index):
     if plan.cached is None:
       image = image_feature.decode_example(image)
-    if _on_device(cfg):
-      return {'image': device_image(image, cfg.dataset.image_size),
-              'label': tf.cast(label, tf.int32)}
     example_seed = _fold(_shard_seed(cfg.seed, shard), epoch, 2, position)
     views = [view(image, _fold(example_seed, v), v) for v in range(num_total)]
     out = {'views': tf.stack(views[:num_global]),
-           'label': tf.cast(label, tf.int32)}
+           'label': tf.cast(label, tf.int32),
+           'index': tf.cast(index, tf.int32)}
     if num_total > num_global:
       out['small_views'] = tf.stack(views[num_global:])
     return out
@@ -329,14 +311,16 @@ def pretrain_batches(config: ml_collections.ConfigDict, *, start_step: int = 0,
     process_count: number of processes reading the data.
 
   Returns:
-    An iterator of `{'views': views, 'label': int32 [n_local]}`, per-process
+    An iterator of `{'views': views, 'label': int32 [n_local], 'index':
+    int32 [n_local]}` (index: the example's position in the train split),
+    per-process
     (local), n_local = global_batch_size // process_count. `views` is
     `(float32 [n_local, V, S, S, C],)` with V = augment.num_views and
     S = dataset.image_size, plus, when augment.num_small_views > 0, a second
     entry `float32 [n_local, V_small, s, s, C]` (the multi-crop small crops,
-    s = augment.small_image_size). Pixels are in [0, 1] for every recipe.
-    With augment.on_device: `{'image': uint8 [n_local, S, S, C], 'label'}`
-    instead, the views being made in the train step.
+    s = augment.small_image_size). These are the host half of the views
+    (crop, resize, flip; SimCLR's bicubic resize may overshoot [0, 1]); the
+    train step finishes them (`augment.device.finish_views`).
 
   References:
     google-research/simclr `data.build_input_fn` (two views per image);
@@ -350,13 +334,10 @@ def pretrain_batches(config: ml_collections.ConfigDict, *, start_step: int = 0,
 
   def generate():
     for batch in _iterate(ds, plan.builder, config.dataset.train_split):
-      if _on_device(config):
-        yield batch
-        continue
       views = (batch['views'],)
       if 'small_views' in batch:
         views += (batch['small_views'],)
-      yield {'views': views, 'label': batch['label']}
+      yield {'views': views, 'label': batch['label'], 'index': batch['index']}
 
   return generate()
 
@@ -410,7 +391,7 @@ def eval_batches(config: ml_collections.ConfigDict, split: str, *,
 
   @_plain
   def prepare(image, label):
-    return {'image': augment.center_crop(image, out_size=size),
+    return {'image': host.center_crop(image, out_size=size),
             'label': tf.cast(label, tf.int32), 'mask': True}
 
   ds = _read(builder, part, image_key, label_key, decode=True).map(

@@ -15,14 +15,17 @@ import os
 
 from absl import app
 from absl import flags
+import jax
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from jaxssl import augment
 from jaxssl import datasets
+from jaxssl.augment import device
+from jaxssl.augment import host
+from jaxssl.augment import recipes
 
 MIN_CELL_SIDE = 96
 PADDING = 2  # white pixels between and around the cells
@@ -58,17 +61,18 @@ def write_view_grid(config: ml_collections.ConfigDict, path: str, *,
     config: the run config (dataset.*, augment.*).
     path: where to write the PNG (local or any tf.io.gfile path).
     num_images: rows of the grid, from the start of `dataset.train_split`.
-    seed: the views of image i use the stateless seeds fold_in((seed, i), v)
-      for v < augment.num_views + augment.num_small_views (small views
-      last, as in the input pipeline).
+    seed: view v of image i is cropped with the stateless TF seed
+      fold_in((seed, i), v) and finished (`augment.device.finish_view`)
+      with the key fold_in(fold_in(key(seed), i), v), for
+      v < augment.num_views + augment.num_small_views (small views last,
+      as in the input pipeline).
 
   Returns:
     `path`.
   """
   if num_images < 1:
     raise ValueError(f'num_images={num_images} must be >= 1')
-  augment.check_config(config.augment)
-  view_fn = augment.get_recipe(config.augment.recipe)
+  recipes.check_config(config.augment)
   builder = datasets.get_builder(config.dataset)
   image_key, _ = datasets.feature_keys(builder)
   size = config.dataset.image_size
@@ -80,14 +84,18 @@ def write_view_grid(config: ml_collections.ConfigDict, path: str, *,
   c = config.augment
   for i, example in enumerate(ds):
     image = example[image_key]
-    row = [augment.center_crop(image, out_size=size)]
+    row = [host.center_crop(image, out_size=size)]
     for v in range(c.num_views + c.num_small_views):
       view_seed = tf.random.experimental.stateless_fold_in(
           tf.constant([seed, i], tf.int64), v)
-      small = augment.view_spec(c, v).small
-      view = view_fn(image, view_seed, view_index=v,
-                     out_size=c.small_image_size if small else size,
-                     config_augment=c)
+      spec = recipes.view_spec(c, v)
+      small = spec.small
+      view = host.crop_view(image, view_seed, view_index=v,
+                            out_size=c.small_image_size if small else size,
+                            config_augment=c)
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), v)
+      view = tf.constant(np.asarray(device.finish_view(
+          view.numpy(), key, spec=spec, config_augment=c)))
       if small:
         view = tf.image.resize(view, [size, size], method='nearest')
       row.append(view)

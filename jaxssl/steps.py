@@ -12,12 +12,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxssl import augment_device
+from jaxssl.augment import device
 from jaxssl.methods import base
 
 PyTree = Any
-# fold_in constant of the on-device augmentation's key, apart from the key
-# the method's loss_fn receives (which stays what it is without it).
+# fold_in constant of the device augmentation's key, apart from the key the
+# method's loss_fn receives (which stays what it is without it).
 AUGMENT_STREAM = 0x617567  # 'aug'
 
 
@@ -58,27 +58,6 @@ def make_init_fn(method: base.Method, optimizer: optax.GradientTransformation,
   return init
 
 
-def device_views(batch: dict[str, Any], rng: jax.Array,
-                 config) -> dict[str, Any]:
-  """Turns an `augment.on_device` batch into the host pipeline's layout.
-
-  Args:
-    batch: `{'image': uint8 [global_batch, S, S, C], 'label': ...}`, the
-      global (sharded) batch of `input_pipeline.pretrain_batches`.
-    rng: the step's key; the views use `fold_in(rng, AUGMENT_STREAM)`.
-    config: the run config (augment.*, dataset.image_size).
-
-  Returns:
-    `{'views': (float32 [global_batch, V, S, S, C],), 'label': ...}`, as the
-    host pipeline yields with augment.on_device False.
-  """
-  views = augment_device.simclr_views(
-      batch['image'], jax.random.fold_in(rng, AUGMENT_STREAM),
-      num_views=config.augment.num_views, out_size=config.dataset.image_size,
-      config_augment=config.augment)
-  return {'views': (views,), 'label': batch['label']}
-
-
 def make_train_step(method: base.Method,
                     optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule):
@@ -90,17 +69,17 @@ def make_train_step(method: base.Method,
     schedule: the learning-rate schedule, for the `learning_rate` metric.
 
   The per-step key is `fold_in(base_key, step)`, so a resumed run uses the
-  keys an uninterrupted run would. With `method.config.augment.on_device`
-  the batch holds uint8 images and the views are made here, before the
-  loss, from that key (`device_views`). Metrics are replicated float32
-  scalars.
+  keys an uninterrupted run would. The batch's views are the host's crops;
+  their colour, grayscale, blur and solarize steps run here, before the
+  loss, keyed by `fold_in(step key, AUGMENT_STREAM)`
+  (`augment.device.finish_views`). Metrics are replicated float32 scalars.
   """
-  on_device = method.config.augment.on_device
 
   def train_step(state: TrainState, batch: dict[str, Any]):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    if on_device:
-      batch = device_views(batch, rng, method.config)
+    batch = dict(batch, views=device.finish_views(
+        batch['views'], jax.random.fold_in(rng, AUGMENT_STREAM),
+        method.config.augment))
 
     def loss_fn(params):
       return method.loss_fn(params, state.batch_stats, state.extra, batch,

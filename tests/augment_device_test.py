@@ -1,13 +1,16 @@
-"""Tests of jaxssl.augment_device: the on-device SimCLR recipe.
+"""Tests for jaxssl.augment.device: the device half of every recipe.
 
-Laws are checked against first principles (binomial rates with 4.5-sigma
-tolerances, fixed keys, so a pass is reproducible and a wrong rate fails)
-and against TensorFlow itself: the crop sampler's distribution with a
-two-sample Kolmogorov-Smirnov bound, and the deterministic ops (bicubic
-crop-resize, saturation, hue, contrast, grayscale, blur) pixel for pixel.
+The deterministic ops are checked against TensorFlow's own ops (tf.image's
+saturation, hue, contrast, grayscale), against float64 numpy
+re-implementations of the official code (SimCLR's zero-padded blur,
+Pillow's `BoxBlur.c`, torchvision's `ColorJitter` blends) and, where Pillow
+is installed, against Pillow. Rates are binomial with 4.5-sigma tolerances
+from fixed keys (a correct rate fails with probability < 1e-5); uniform
+laws are checked by their range and mean.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -18,385 +21,323 @@ import tensorflow as tf
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxssl import augment
-from jaxssl import augment_device
 from jaxssl import config_schema
-from jaxssl.augment_device import blur
-from jaxssl.augment_device import color
-from jaxssl.augment_device import crops
+from jaxssl.augment import device
+from jaxssl.augment import recipes
 
-NUM_PARAMS = 4000  # views per statistical check of the drawn parameters
-NUM_VIEWS_OUT = 1024  # views per statistical check on the outputs
+LUMA_PIL = np.array([0.299, 0.587, 0.114])
+LUMA_TF = np.array([0.2989, 0.587, 0.114])
+N = 1024  # views per rate check
+# Every device op off: each test turns on the one it checks.
+OFF = dict(color_prob=0.0, grayscale_prob=0.0, blur_prob=0.0,
+           view_blur_probs=(), view_solarize_probs=())
+# A blur with sigma near 0.1 leaves float32 pixels exactly as they were (the
+# neighbours' weights are ~1e-22), so rate checks draw sigma in [1, 2].
+VISIBLE_BLUR = dict(blur_sigma=(1.0, 2.0))
 
 
-def _config(**overrides) -> ml_collections.ConfigDict:
-  c = config_schema.defaults().augment
-  for key, value in overrides.items():
-    c[key] = value
+def config(recipe='simclr', **overrides) -> ml_collections.ConfigDict:
+  c = config_schema.defaults('simclr').augment
+  c.update(recipes.recipe_defaults(recipe))
+  c.update(overrides)
   return c
 
 
-def _binomial_tolerance(p: float, n: int) -> float:
-  # 4.5 sigma: a correct rate fails with probability < 1e-5.
-  return 4.5 * np.sqrt(p * (1 - p) / n)
+def finish(views, c, seed=0):
+  """`finish_views` jitted; views a tuple of numpy [N, V, S, S, C]."""
+  fn = jax.jit(lambda v, k: device.finish_views(v, k, c))
+  return tuple(np.asarray(x) for x in fn(views, jax.random.key(seed)))
 
 
-def _ks_bound(n: int, m: int) -> float:
-  # Two-sample KS critical value at alpha = 1e-3 (c = 1.95); conservative
-  # for the discrete crop sides.
-  return 1.95 * np.sqrt((n + m) / (n * m))
-
-
-def _ks_statistic(a, b) -> float:
-  grid = np.union1d(a, b)
-  cdf = lambda x: np.searchsorted(np.sort(x), grid, side='right') / len(x)
-  return float(np.max(np.abs(cdf(a) - cdf(b))))
+def binomial_tolerance(p, n):
+  return 4.5 * math.sqrt(p * (1 - p) / n)
 
 
 @pytest.fixture(scope='module')
-def params():
-  """NUM_PARAMS draws of the default recipe's view parameters, 32 x 48."""
-  keys = jax.random.split(jax.random.key(0), NUM_PARAMS)
-  draw = functools.partial(augment_device.sample_view_params, height=32,
-                           width=48, channels=3, config_augment=_config())
-  return jax.tree.map(np.asarray, jax.jit(jax.vmap(draw))(keys))
-
-
-@pytest.mark.parametrize('name,p', [('flip', 0.5), ('jitter', 0.8),
-                                    ('grayscale', 0.2), ('blur', 0.5)])
-def test_coin_rates(params, name, p):
-  rate = params[name].mean()
-  assert abs(rate - p) < _binomial_tolerance(p, NUM_PARAMS), (name, rate)
-
-
-@pytest.mark.parametrize('name,low,high', [('brightness', 0.2, 1.8),
-                                           ('contrast', 0.2, 1.8),
-                                           ('saturation', 0.2, 1.8),
-                                           ('hue', -0.2, 0.2),
-                                           ('sigma', 0.1, 2.0)])
-def test_uniform_ranges(params, name, low, high):
-  x = params[name]
-  assert x.min() >= low and x.max() <= high
-  width = high - low
-  # Fills the range (the extreme of 4000 uniforms is within 0.3% of it) with
-  # the uniform's mean (sd width / sqrt(12 n)).
-  assert x.min() < low + 0.003 * width and x.max() > high - 0.003 * width
-  assert abs(x.mean() - (low + high) / 2) < 4.5 * width / np.sqrt(
-      12 * NUM_PARAMS)
-
-
-def test_jitter_order_is_uniform_permutation(params):
-  order = params['order']
-  np.testing.assert_array_equal(np.sort(order, axis=1),
-                                np.tile(np.arange(4), (NUM_PARAMS, 1)))
-  # Each op at each position with probability 1/4.
-  counts = (order[:, :, None] == np.arange(4)).mean(axis=0)
-  assert np.all(np.abs(counts - 0.25) < _binomial_tolerance(0.25, NUM_PARAMS))
-
-
-def test_crop_box_ranges(params):
-  y, x, h, w = params['box'].T
-  area = h * w / (32 * 48)
-  assert np.all((y >= 0) & (x >= 0) & (y + h <= 32) & (x + w <= 48))
-  whole = (h == 32) & (w == 48)
-  assert np.all(whole | ((area >= 0.08) & (area <= 1.0)))
-  # Rounding the sides to pixels moves the aspect by < 1 px per side.
-  aspect = w / h
-  assert np.all(whole | ((aspect > 0.75 - 1 / h) & (aspect < 4 / 3 + 1 / h)))
-
-
-@pytest.fixture(scope='module')
-def tf_boxes():
-  """TF's `sample_distorted_bounding_box` as SimCLR calls it, 2000 draws."""
-  seeds = tf.reshape(tf.range(4000, dtype=tf.int64), [2000, 2])
-
-  @tf.function
-  def draw(seeds):
-    def one(seed):
-      begin, size = augment.sample_crop_box(tf.constant([32, 48, 3]), seed)
-      return tf.stack([begin[0], begin[1], size[0], size[1]])
-    return tf.map_fn(one, seeds, fn_output_signature=tf.int32)
-
-  return draw(seeds).numpy()
-
-
-@pytest.mark.parametrize('column,name', [(0, 'y'), (1, 'x'), (2, 'h'),
-                                         (3, 'w'), (None, 'area')])
-def test_crop_box_law_matches_tf(params, tf_boxes, column, name):
-  ours, theirs = params['box'], tf_boxes
-  if column is None:
-    a, b = ours[:, 2] * ours[:, 3], theirs[:, 2] * theirs[:, 3]
-  else:
-    a, b = ours[:, column], theirs[:, column]
-  statistic = _ks_statistic(a, b)
-  assert statistic < _ks_bound(len(a), len(b)), (name, statistic)
-
-
-@pytest.mark.parametrize('box', [(0, 0, 32, 48), (3, 5, 20, 17),
-                                 (10, 30, 9, 18), (0, 0, 4, 4)])
-@pytest.mark.parametrize('out_size', [16, 24])
-def test_resize_crop_matches_tf_bicubic(box, out_size):
-  image = np.random.RandomState(1).rand(32, 48, 3).astype(np.float32)
-  y, x, h, w = box
-  expected = tf.image.resize(image[y:y + h, x:x + w], (out_size, out_size),
-                             method='bicubic').numpy()
-  ours = crops.resize_crop(jnp.transpose(image, (2, 0, 1)),
-                           jnp.array(box, jnp.int32), out_size=out_size)
-  np.testing.assert_allclose(np.transpose(ours, (1, 2, 0)), expected,
-                             rtol=1e-5, atol=1e-5)
+def rgb_views():
+  """N // 2 examples x 2 views of random RGB 24 px pixels in [0, 1]."""
+  return np.random.RandomState(4).rand(N // 2, 2, 24, 24, 3).astype(
+      np.float32)
 
 
 @pytest.mark.parametrize('op', ['saturation', 'hue', 'contrast',
                                 'grayscale'])
 @pytest.mark.parametrize('amount', [0.3, 1.6, -0.15])
-def test_color_ops_match_tf_image(op, amount):
+def test_tf_law_colour_ops_match_tf_image(op, amount):
   image = np.random.RandomState(2).rand(12, 10, 3).astype(np.float32)
   image[0, :3] = 0.5  # grey pixels: zero chroma
   image[1, :3] = 0.0  # black pixels: zero value
-  chw = jnp.transpose(image, (2, 0, 1))
   if op == 'saturation':
-    ours = color.adjust_saturation(chw, abs(amount))
+    ours = device.adjust_saturation(image, abs(amount), law='tf')
     expected = tf.image.adjust_saturation(image, abs(amount))
   elif op == 'hue':
-    # Hue deltas are in [-1, 1] turns.
-    ours = color.adjust_hue(chw, amount / 2)
+    ours = device.adjust_hue(image, amount / 2)  # deltas in [-1, 1] turns
     expected = tf.image.adjust_hue(image, amount / 2)
   elif op == 'contrast':
-    ours = color.adjust_contrast(chw, abs(amount))
+    ours = device.adjust_contrast(image, abs(amount), law='tf')
     expected = tf.image.adjust_contrast(image, abs(amount))
   else:
-    ours = color.to_grayscale(chw)
+    ours = device.to_grayscale(image, law='tf')
     expected = tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3])
-  np.testing.assert_allclose(np.transpose(ours, (1, 2, 0)), expected.numpy(),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('size', [32, 64])
+def test_torchvision_contrast_and_saturation_blend_with_pil_luma():
+  x = 0.35 + 0.3 * np.random.default_rng(0).random((8, 8, 3))
+  f = 0.7
+  contrast = device.adjust_contrast(x.astype(np.float32), f,
+                                    law='torchvision')
+  mean_luma = (x @ LUMA_PIL).mean()
+  np.testing.assert_allclose(contrast, f * x + (1 - f) * mean_luma,
+                             atol=1e-6)
+  saturation = device.adjust_saturation(x.astype(np.float32), f,
+                                        law='torchvision')
+  np.testing.assert_allclose(
+      saturation, f * x + (1 - f) * (x @ LUMA_PIL)[..., None], atol=1e-6)
+
+
+@pytest.mark.parametrize('law,weights', [('tf', LUMA_TF),
+                                         ('torchvision', LUMA_PIL)])
+def test_grayscale_luma_per_law(law, weights):
+  x = np.random.default_rng(3).random((5, 7, 3)).astype(np.float32)
+  np.testing.assert_allclose(device.to_grayscale(x, law=law),
+                             np.repeat((x @ weights)[..., None], 3, -1),
+                             atol=2e-6)
+
+
+def test_solarize_thresholds_bytes_as_pil():
+  levels = np.arange(256)
+  got = np.asarray(device.solarize(jnp.asarray(levels / 255.0, jnp.float32),
+                                   threshold=128 / 255)) * 255
+  # PIL ImageOps.solarize(threshold=128): i < 128 ? i : 255 - i.
+  np.testing.assert_allclose(got, np.where(levels < 128, levels,
+                                           255 - levels), atol=1e-4)
+  half = device.solarize(jnp.array([0.0, 0.49, 0.5, 0.7]), threshold=0.5)
+  np.testing.assert_allclose(half, [0.0, 0.49, 0.5, 0.3], atol=1e-7)
+
+
+def simclr_blur_numpy(image, kernel_size, sigma):
+  """Float64 separable Gaussian blur with zero padding (SimCLR's law)."""
+  radius = int(kernel_size / 2)
+  x = np.arange(-radius, radius + 1, dtype=np.float64)
+  k = np.exp(-x**2 / (2 * sigma**2))
+  k /= k.sum()
+  h, w, _ = image.shape
+  padded = np.pad(image, ((radius, radius), (radius, radius), (0, 0)))
+  out = np.zeros_like(image, dtype=np.float64)
+  for i in range(-radius, radius + 1):
+    for j in range(-radius, radius + 1):
+      out += (k[i + radius] * k[j + radius] *
+              padded[radius + i:radius + i + h, radius + j:radius + j + w])
+  return out
+
+
+@pytest.mark.parametrize('size', [16, 32, 64])
 @pytest.mark.parametrize('sigma', [0.1, 0.9, 2.0])
-def test_blur_matches_host_blur(size, sigma):
-  image = np.random.RandomState(3).rand(size, size, 3).astype(np.float32)
-  expected = augment.gaussian_blur(tf.constant(image), kernel_size=size // 10,
-                                   sigma=tf.constant(sigma)).numpy()
-  ours = blur.gaussian_blur(jnp.transpose(image, (2, 0, 1)),
-                            jnp.float32(sigma))
-  np.testing.assert_allclose(np.transpose(ours, (1, 2, 0)), expected,
-                             rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize('channels', [1, 3])
+def test_simclr_blur_matches_the_official_kernel(size, sigma, channels):
+  image = np.random.RandomState(3).rand(size, size, channels)
+  ours = device.blur(jnp.asarray(image, jnp.float32), jnp.float32(sigma),
+                     law='tf', max_sigma=2.0)
+  np.testing.assert_allclose(ours, simclr_blur_numpy(image, size // 10,
+                                                     sigma), atol=1e-5)
 
 
-# Output-level checks: one op on, everything else off, the crop whole (area
-# 1 on a square image leaves only the whole-image box), so each view either
-# is the image or shows the op.
-_ONLY = dict(crop_area=(1.0, 1.0), flip=False, color_prob=0.0,
-             grayscale_prob=0.0, blur_prob=0.0)
+def pil_blur_numpy(image, sigma, passes=3):
+  """Pillow's GaussianBlur in float64: extended box passes, edges repeated."""
+  sigma2 = sigma * sigma / passes
+  l = math.floor((math.sqrt(12 * sigma2 + 1) - 1) / 2)
+  a = (2 * l + 1) * (l * (l + 1) - 3 * sigma2) / (6 * (sigma2 - (l + 1)**2))
+  taps = np.array([a] + [1.0] * (2 * l + 1) + [a]) / (2 * (l + a) + 1)
+  half = l + 1
+  out = np.asarray(image, np.float64)
+  for axis in (1, 0):
+    for _ in range(passes):
+      size = out.shape[axis]
+      index = np.clip(np.arange(-half, size + half), 0, size - 1)
+      padded = np.take(out, index, axis=axis)
+      out = sum(t * np.take(padded, np.arange(k, k + size), axis=axis)
+                for k, t in enumerate(taps))
+  return out
 
 
-@functools.lru_cache(maxsize=None)
-def _views_fn(overrides: tuple, out_size: int, num_views: int, impl: str):
-  """One jitted `simclr_views` per (config, size, views, loop)."""
-  return jax.jit(functools.partial(
-      augment_device.simclr_views, num_views=num_views, out_size=out_size,
-      config_augment=_config(**dict(overrides)), impl=impl))
+@pytest.mark.parametrize('sigma', [0.1, 0.7, 1.3, 2.0])
+@pytest.mark.parametrize('shape', [(26, 26, 3), (9, 9, 1)])
+def test_pil_blur_matches_pillows_algorithm(sigma, shape):
+  image = np.random.default_rng(1).random(shape)
+  got = device.blur(jnp.asarray(image, jnp.float32), jnp.float32(sigma),
+                    law='pil', max_sigma=2.0)
+  np.testing.assert_allclose(got, pil_blur_numpy(image, sigma), atol=1e-5)
 
 
-def _views(images, overrides: dict, *, out_size=None, num_views=2, seed=0,
-           impl='auto'):
-  fn = _views_fn(tuple(sorted(overrides.items())),
-                 out_size or images.shape[1], num_views, impl)
-  return np.asarray(fn(images, jax.random.key(seed)))
+@pytest.mark.parametrize('sigma', [0.1, 1.0, 2.0])
+def test_pil_blur_is_pillow_up_to_its_uint8_rounding(sigma):
+  image_mod = pytest.importorskip('PIL.Image')
+  image_filter = pytest.importorskip('PIL.ImageFilter')
+  pixels = np.random.default_rng(2).integers(0, 256, (30, 30, 3), np.uint8)
+  want = np.asarray(image_mod.fromarray(pixels).filter(
+      image_filter.GaussianBlur(radius=sigma)), np.float64)
+  got = device.blur(jnp.asarray(pixels, jnp.float32), jnp.float32(sigma),
+                    law='pil', max_sigma=2.0)
+  # Pillow rounds to the nearest level after each of its six passes; later
+  # passes average (convex weights), so the errors add up to <= 6 x 0.5.
+  assert np.abs(np.asarray(got) - want).max() <= 3.0 + 1e-3
 
 
-def _to_float(images):
-  """`tf.image.convert_image_dtype` of uint8: times float32(1 / 255)."""
-  return images.astype(np.float32) * np.float32(1 / 255)
+def test_pil_blur_variance_is_sigma_squared_and_edges_are_repeated():
+  size = 41
+  delta = np.zeros((size, size, 1), np.float32)
+  delta[size // 2, size // 2] = 1.0
+  x = np.arange(size) - size // 2
+  for sigma in (0.5, 1.0, 2.0):
+    out = np.asarray(device.blur(delta, jnp.float32(sigma), law='pil',
+                                 max_sigma=2.0))[..., 0].astype(np.float64)
+    assert abs(out.sum() - 1.0) < 1e-5
+    np.testing.assert_allclose((out.sum(0) * x**2).sum(), sigma**2,
+                               rtol=1e-4)
+    flat = device.blur(jnp.full((12, 12, 3), 0.7), jnp.float32(sigma),
+                       law='pil', max_sigma=2.0)
+    np.testing.assert_allclose(flat, 0.7, atol=1e-6)
 
 
-@pytest.fixture(scope='module')
-def rgb_images():
-  n = NUM_VIEWS_OUT // 2
-  return np.random.RandomState(4).randint(0, 256, (n, 32, 32, 3), np.uint8)
+def changed(out, views):
+  """bool [N, V]: the views that the device half changed."""
+  return np.any(out != views, axis=(2, 3, 4))
 
 
-@pytest.mark.parametrize('impl', ['vectorized', 'sequential'])
 @pytest.mark.parametrize('name,overrides,p', [
-    ('flip', dict(flip=True), 0.5),
     ('jitter', dict(color_prob=0.8), 0.8),
     ('grayscale', dict(grayscale_prob=0.2), 0.2),
-    ('blur', dict(blur_prob=0.5), 0.5),
+    ('blur', dict(blur_prob=0.5, **VISIBLE_BLUR), 0.5),
 ])
-def test_output_rates(rgb_images, name, overrides, p, impl):
-  source = _to_float(rgb_images)
-  views = _views(rgb_images, {**_ONLY, **overrides}, impl=impl)
-  unchanged = np.all(views == source[:, None], axis=(2, 3, 4))
-  if name == 'flip':
-    # The flipped views are exactly the mirrored images.
-    mirrored = np.all(views == source[:, None, :, ::-1], axis=(2, 3, 4))
-    assert np.all(unchanged ^ mirrored)
-  elif name == 'grayscale':
-    equal = np.all(views == views[..., :1], axis=(2, 3, 4))
-    assert np.all(unchanged ^ equal)
-  rate = 1.0 - unchanged.mean()
-  assert abs(rate - p) < _binomial_tolerance(p, NUM_VIEWS_OUT), (name, rate)
+def test_symmetric_rates(rgb_views, name, overrides, p):
+  (out,) = finish((rgb_views,), config(**{**OFF, **overrides}))
+  hit = changed(out, rgb_views)
+  if name == 'grayscale':
+    gray = np.all(out == out[..., :1], axis=(2, 3, 4))
+    assert np.all(hit == gray)
+  assert abs(hit.mean() - p) < binomial_tolerance(p, hit.size), hit.mean()
 
 
-def test_brightness_factor_range_in_outputs():
-  # A uniform grey image: contrast, saturation and hue of strength 0 leave
-  # it exactly, so each view is 0.25 * U[1 - 0.8, 1 + 0.8].
-  images = np.full((NUM_VIEWS_OUT // 2, 8, 8, 3), 64, np.uint8)
-  value = np.float32(64) * np.float32(1 / 255)
-  views = _views(images, {**_ONLY, 'color_prob': 1.0,
-                          'color_jitter': (0.8, 0.0, 0.0, 0.0)})
-  factor = views[..., 0, 0, 0] / value
-  assert np.all(views == views[..., :1, :1, :1])
-  assert factor.min() >= 0.2 - 1e-6 and factor.max() <= 1.8 + 1e-6
-  assert factor.min() < 0.25 and factor.max() > 1.75
-  assert abs(factor.mean() - 1.0) < 4.5 * 1.6 / np.sqrt(12 * factor.size)
+@pytest.mark.parametrize('recipe', ['byol', 'moco_v3'])
+def test_asymmetric_blur_and_solarize_rates(rgb_views, recipe):
+  """View 0 always blurred, never solarized; view 1: 0.1 and 0.2."""
+  c = recipes.recipe_defaults(recipe)
+  for key, probs in [('view_blur_probs', (1.0, 0.1)),
+                     ('view_solarize_probs', (0.0, 0.2))]:
+    assert tuple(c[key]) == probs
+    only = {**OFF, key: c[key], **VISIBLE_BLUR}
+    if key == 'view_blur_probs':
+      only['blur_prob'] = 0.5  # unused: the per-view tuple wins
+    (out,) = finish((rgb_views,), config(recipe, **only))
+    hit = changed(out, rgb_views)
+    for v, p in enumerate(probs):
+      n = hit.shape[0]
+      assert abs(hit[:, v].mean() - p) <= binomial_tolerance(p, n) + 1e-12
 
 
-@pytest.mark.parametrize('channels,out_size', [(3, 24), (1, 40)])
-def test_full_recipe_shapes_and_range(channels, out_size):
-  images = np.random.RandomState(5).randint(0, 256, (16, 32, 32, channels),
-                                            np.uint8)
-  views = _views(images, {}, out_size=out_size, num_views=3)
-  assert views.shape == (16, 3, out_size, out_size, channels)
-  assert views.dtype == np.float32
-  assert views.min() >= 0.0 and views.max() <= 1.0
-  # Different views of one image differ.
-  assert not np.array_equal(views[:, 0], views[:, 1])
+def test_swav_multicrop_blurs_every_crop_with_p_one_half():
+  rng = np.random.RandomState(6)
+  views = (rng.rand(256, 2, 24, 24, 3).astype(np.float32),
+           rng.rand(256, 3, 12, 12, 3).astype(np.float32))
+  c = config('swav', **{**OFF, 'blur_prob': 0.5, **VISIBLE_BLUR},
+             num_small_views=3,
+             small_image_size=12)
+  out = finish(views, c)
+  assert [o.shape for o in out] == [v.shape for v in views]
+  rates = np.concatenate([changed(o, v) for o, v in zip(out, views)], 1)
+  assert rates.shape == (256, 5)
+  for v in range(5):
+    assert abs(rates[:, v].mean() - 0.5) < binomial_tolerance(0.5, 256)
 
 
-def test_identity_when_off(rgb_images):
-  images = rgb_images[:16]
-  expected = tf.image.convert_image_dtype(images, tf.float32).numpy()
-  np.testing.assert_array_equal(_views(images, _ONLY),
-                                np.stack([expected] * 2, axis=1))
-  identity = augment_device.identity_views(images, num_views=2, out_size=32)
-  np.testing.assert_array_equal(identity, np.stack([expected] * 2, axis=1))
+@pytest.mark.parametrize('brightness,low,high', [('additive', -0.4, 0.4),
+                                                 ('multiplicative', 0.6, 1.4)])
+def test_brightness_law_at_strength_0_4(brightness, low, high):
+  views = np.full((N // 2, 2, 4, 4, 1), 0.5, np.float32)
+  c = config(**{**OFF, 'color_prob': 1.0},
+             color_jitter=(0.4, 0.0, 0.0, 0.0), brightness=brightness)
+  (out,) = finish((views,), c)
+  values = out[..., 0, 0, 0].ravel().astype(np.float64)
+  assert np.all(out == out[:, :, :1, :1])  # one draw per view
+  moves = values - 0.5 if brightness == 'additive' else values / 0.5
+  width = high - low
+  assert moves.min() >= low - 1e-6 and moves.max() <= high + 1e-6
+  assert moves.min() < low + 0.02 * width and moves.max() > high - 0.02 * width
+  assert abs(moves.mean() - (low + high) / 2) < 4.5 * width / math.sqrt(
+      12 * moves.size)
 
 
-def test_identity_views_resizes_whole_image(rgb_images):
-  images = rgb_images[:4]
-  expected = tf.clip_by_value(tf.image.resize(
-      tf.image.convert_image_dtype(images, tf.float32), (20, 20),
-      method='bicubic'), 0.0, 1.0).numpy()
-  ours = augment_device.identity_views(images, num_views=1, out_size=20)
-  np.testing.assert_allclose(ours[:, 0], expected, rtol=1e-5, atol=1e-5)
+def test_torchvision_contrast_factors_are_clamped_at_zero():
+  """Contrast 1.5 draws factors from U[0, 2.5]: near 0 occurs, never < 0."""
+  x = 0.35 + 0.3 * np.random.default_rng(0).random((6, 6, 3))
+  views = np.broadcast_to(x.astype(np.float32), (512, 1, 6, 6, 3))
+  c = config('moco_v2', **{**OFF, 'color_prob': 1.0}, num_views=1,
+             color_jitter=(0.0, 1.5, 0.0, 0.0))
+  (out,) = finish((np.array(views),), c)
+  anchor = (x @ LUMA_PIL).mean()
+  u = (x - anchor).ravel()
+  unclipped = (out.min(axis=(1, 2, 3, 4)) > 1e-6) & (
+      out.max(axis=(1, 2, 3, 4)) < 1 - 1e-6)
+  factors = np.array([(u @ (o.ravel() - anchor)) / (u @ u)
+                      for o in out[unclipped, 0].astype(np.float64)])
+  assert factors.min() >= -1e-6 and factors.min() < 0.1
 
 
-def test_deterministic_per_rng():
-  images = np.random.RandomState(5).randint(0, 256, (16, 32, 32, 3), np.uint8)
-  a = _views(images, {}, out_size=24, num_views=3, seed=3)
-  b = _views(images, {}, out_size=24, num_views=3, seed=3)
+def test_every_recipe_gives_views_in_range_and_changes_them(rgb_views):
+  overshoot = rgb_views * 1.4 - 0.2  # SimCLR's host crops may overshoot
+  for recipe in recipes.RECIPES:
+    (out,) = finish((overshoot,), config(recipe, num_small_views=0))
+    assert out.dtype == np.float32 and out.shape == overshoot.shape
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert changed(out, np.clip(overshoot, 0, 1)).mean() > 0.5
+
+
+def test_identity_when_off_and_grey_views_skip_colour_only_ops(rgb_views):
+  (out,) = finish((rgb_views[:8],), config(**OFF))
+  np.testing.assert_array_equal(out, rgb_views[:8])
+  grey = rgb_views[:64, ..., :1]
+  (out,) = finish((grey,), config(color_strength=1.25))
+  assert out.shape == grey.shape and 0.0 <= out.min() <= out.max() <= 1.0
+
+
+def test_pure_in_the_key_and_views_differ(rgb_views):
+  views = (rgb_views[:16],)
+  a, = finish(views, config(), seed=3)
+  b, = finish(views, config(), seed=3)
+  c, = finish(views, config(), seed=4)
   np.testing.assert_array_equal(a, b)
-  c = _views(images, {}, out_size=24, num_views=3, seed=4)
-  assert np.all(np.any(a != c, axis=(2, 3, 4)))
+  assert np.any(a != c)
+  # Example n's view depends on n: the same pixels at two positions differ.
+  same = np.repeat(rgb_views[:1], 16, axis=0)
+  d, = finish((same,), config(), seed=3)
+  assert len({d[n].tobytes() for n in range(16)}) > 8
 
 
-def test_sharded_equals_single_device(mesh8):
-  images = np.random.RandomState(5).randint(0, 256, (16, 32, 32, 3), np.uint8)
-  # The 1-device reference is the unsharded jit on the default device.
-  single = _views(images, {}, out_size=24, num_views=3, seed=7)
+def test_sharded_equals_single_device_for_multicrop(mesh8):
+  rng = np.random.RandomState(5)
+  views = (rng.rand(16, 2, 24, 24, 3).astype(np.float32),
+           rng.rand(16, 2, 12, 12, 3).astype(np.float32))
+  c = config('swav', num_small_views=2, small_image_size=12,
+             view_solarize_probs=(0.0, 0.2, 0.3, 0.4))
+  single = finish(views, c, seed=7)
   sharding = NamedSharding(mesh8, P('data'))
-  fn = jax.jit(functools.partial(augment_device.simclr_views, num_views=3,
-                                 out_size=24, config_augment=_config()),
-               in_shardings=(sharding, None), out_shardings=sharding)
-  sharded = fn(jax.device_put(images, sharding), jax.random.key(7))
-  assert len(sharded.sharding.device_set) == 8
-  # Per-example float32 maths: rtol 1e-5 and atol 1e-5 x max |reference|.
-  np.testing.assert_allclose(np.asarray(sharded), single, rtol=1e-5,
-                             atol=1e-5 * np.abs(single).max())
+  sharded = tuple(jax.device_put(v, sharding) for v in views)
+  fn = jax.jit(lambda v, k: device.finish_views(v, k, c))
+  out = fn(sharded, jax.random.key(7))
+  for o, s in zip(out, single):
+    assert o.sharding.spec == P('data')
+    np.testing.assert_allclose(np.asarray(o), s, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize('channels,source,out_size', [(3, 48, 40),
-                                                      (1, 32, 24)])
-def test_sequential_equals_vectorized(channels, source, out_size):
-  # The full recipe, blur included (5 taps at 40 px, 3 at 24), views that
-  # draw each op and views that do not.
-  images = np.random.RandomState(6).randint(
-      0, 256, (12, source, source, channels), np.uint8)
-  keys = augment_device.view_keys(jax.random.key(9), 12, 2).reshape(-1)
-  drawn = jax.vmap(functools.partial(
-      augment_device.sample_view_params, height=source, width=source,
-      channels=channels, config_augment=_config()))(keys)
-  for name in ('flip', 'jitter', 'blur'):
-    assert 0 < int(np.sum(drawn[name])) < 24, name
-  vectorized = _views(images, {}, out_size=out_size, seed=9,
-                      impl='vectorized')
-  sequential = _views(images, {}, out_size=out_size, seed=9,
-                      impl='sequential')
-  assert sequential.shape == (12, 2, out_size, out_size, channels)
-  np.testing.assert_allclose(sequential, vectorized, rtol=1e-5, atol=1e-5)
-  assert not np.array_equal(sequential[:, 0], sequential[:, 1])
-
-
-def test_resolve_impl(monkeypatch):
-  # This test process has 8 CPU devices: 'auto' keeps the sharded batch
-  # vectorised; a 1-device CPU run loops.
-  assert augment_device.resolve_impl('auto') == 'vectorized'
-  assert augment_device.resolve_impl('sequential') == 'sequential'
-  monkeypatch.setattr(jax, 'device_count', lambda: 1)
-  assert augment_device.resolve_impl('auto') == 'sequential'
-  assert augment_device.resolve_impl('vectorized') == 'vectorized'
-  with pytest.raises(ValueError, match="'loop'.*known: auto, vectorized, "
-                     'sequential'):
-    augment_device.resolve_impl('loop')
-
-
-@pytest.mark.parametrize('overrides,bad', [
-    (dict(recipe='byol'), 'augment.recipe'),
-    (dict(num_small_views=2), 'augment.num_small_views'),
-    (dict(view_blur_probs=(1.0, 0.1)), 'augment.view_blur_probs'),
-    (dict(view_solarize_probs=(0.0, 0.2)), 'augment.view_solarize_probs'),
-    (dict(resize_method='bilinear'), 'augment.resize_method'),
-    (dict(blur_prob=1.5), 'augment.blur_prob'),
+@pytest.mark.parametrize('shapes', [
+    [(4, 3, 8, 8, 3)],  # 3 views, config has 2
+    [(4, 2, 8, 8, 4)],  # 4 channels
+    [(4, 2, 8, 8)],  # rank 4
+    [(4, 2, 8, 8, 3), (4, 2, 4, 4, 3)],  # small crops, config has none
 ])
-def test_unsupported_config_raises(overrides, bad):
-  images = np.zeros((2, 8, 8, 3), np.uint8)
-  with pytest.raises(ValueError, match=bad):
-    augment_device.simclr_views(images, jax.random.key(0), num_views=2,
-                                out_size=8, config_augment=_config(**overrides))
-
-
-@pytest.mark.parametrize('shape,dtype', [((2, 8, 8, 2), np.uint8),
-                                         ((8, 8, 3), np.uint8),
-                                         ((2, 8, 8, 3), np.int32)])
-def test_bad_images_raise(shape, dtype):
-  with pytest.raises(ValueError, match='images'):
-    augment_device.simclr_views(np.zeros(shape, dtype), jax.random.key(0),
-                                num_views=2, out_size=8,
-                                config_augment=_config())
-
-
-def test_bench_subcommand_tiny(capsys):
-  import json
-  from jaxssl.bench import __main__ as bench
-  code = bench.main(['augment', '--json', '--sizes', '8', '--batch', '4',
-                     '--batches', '1', '--repeats', '1'])
-  report = json.loads(capsys.readouterr().out)
-  assert code == 0 and report['ok']
-  assert report['device_impl'] == 'vectorized'  # 8 devices in this process
-  (row,) = report['results']
-  assert row['size'] == 8 and row['blur'] and row['batch'] == 4
-  assert row['host_img_s'] > 0 and row['device_img_s'] > 0
-  assert row['ratio'] == pytest.approx(row['device_img_s'] / row['host_img_s'])
-  text = bench.augment.format_report(report)
-  assert 'tf.data img/s' in text and 'device img/s' in text
-
-
-def test_bench_stages_add_the_ops_one_by_one(capsys):
-  import json
-  from jaxssl.bench import __main__ as bench
-  code = bench.main(['augment', '--json', '--sizes', '24', '--batch', '2',
-                     '--batches', '1', '--repeats', '1', '--stages',
-                     '--impl', 'sequential'])
-  report = json.loads(capsys.readouterr().out)
-  assert code == 0 and report['ok']
-  assert report['device_impl'] == 'sequential'
-  (row,) = report['results']
-  stages = row['stages']
-  assert [s['stage'] for s in stages] == [
-      'crop + resize', '+ flip', '+ colour jitter', '+ grayscale', '+ blur']
-  for s in stages:
-    assert s['device_img_s'] > 0
-    assert s['ms_per_view'] == pytest.approx(
-        1e3 / (s['device_img_s'] * 2))
-  assert 'ms/view' in bench.augment.format_report(report)
+def test_bad_views_raise_one_line(shapes):
+  views = tuple(np.zeros(s, np.float32) for s in shapes)
+  with pytest.raises(ValueError, match=r'^views of shapes .* must be one '
+                     r'\[N, V, S, S, C\] array per crop size with V = \[2\]'):
+    device.finish_views(views, jax.random.key(0), config())

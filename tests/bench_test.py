@@ -159,6 +159,24 @@ def test_analytic_flops_match_xla_on_resnet18(mesh1):
   assert 0.95 <= xla / analytic <= 1.05, (xla, analytic)
 
 
+# --------------------------------------------------------------- augment --
+@pytest.mark.parametrize('recipe,channels', [('quickstart', 1),
+                                             ('byol', 3)])
+def test_augment_times_both_halves(recipe, channels):
+  proc = bench('augment', '--json', '--recipe', recipe, '--sizes', '12',
+               '--source-size', '20', '--batch', '4', '--batches', '1',
+               '--repeats', '1')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout)
+  assert report['ok'] and report['recipe'] == recipe
+  (row,) = report['results']
+  assert (row['size'], row['source_size'], row['channels']) == (12, 20,
+                                                                 channels)
+  for field in ('host_img_s', 'device_img_s', 'device_compile_s'):
+    assert positive(row[field]), field
+  assert row['combined_img_s'] == min(row['host_img_s'], row['device_img_s'])
+
+
 # ----------------------------------------------------------------- input --
 
 

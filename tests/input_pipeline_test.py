@@ -8,6 +8,7 @@ imagenet2012 (whose mocked images vary in size).
 
 import math
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from jaxssl import input_pipeline
+from jaxssl.augment import device
+from jaxssl.augment import host
 
 NUM_TRAIN = 50
 NUM_TEST = 13
@@ -68,8 +71,7 @@ def make_config(data_dir='', **overrides) -> ml_collections.ConfigDict:
                  brightness='multiplicative', blur_prob=0.5,
                  view_blur_probs=(), blur_sigma=(0.1, 2.0),
                  view_solarize_probs=(), num_small_views=0,
-                 small_image_size=8, small_crop_area=(0.05, 0.14),
-                 on_device=False)
+                 small_image_size=8, small_crop_area=(0.05, 0.14))
   config = dict(seed=0, global_batch_size=8, dataset=dataset, augment=augment)
   for key, value in overrides.items():
     section, _, name = key.rpartition('.')
@@ -120,15 +122,28 @@ def test_tf_sees_no_gpu():
   assert tf.config.get_visible_devices('GPU') == []
 
 
-def test_batch_structure_and_views(reference):
+def finished(batch, config):
+  """The device half of the batch's views (what the train step sees)."""
+  return device.finish_views(batch['views'], jax.random.key(0),
+                             config.augment)
+
+
+def test_batch_structure_and_views(reference, tiny_data_dir):
   batch = reference(1)[0]
-  assert set(batch) == {'views', 'label'}
+  assert set(batch) == {'views', 'label', 'index'}
   assert isinstance(batch['views'], tuple) and len(batch['views']) == 1
   views = batch['views'][0]
   assert views.shape == (8, 2, 16, 16, 3) and views.dtype == np.float32
-  assert views.min() >= 0.0 and views.max() <= 1.0
+  (done,) = finished(batch, make_config(tiny_data_dir))
+  assert done.shape == views.shape and 0.0 <= done.min() <= done.max() <= 1.0
   assert batch['label'].shape == (8,) and batch['label'].dtype == np.int32
   assert set(batch['label'].tolist()) <= set(range(NUM_TRAIN))
+  # `index` is the example's position in the split's fixed tfds order.
+  assert batch['index'].dtype == np.int32
+  builder = tfds.builder('jaxssl_tiny_images', data_dir=tiny_data_dir)
+  in_order = [int(ex['label']) for ex in builder.as_dataset(
+      split='train', shuffle_files=False).as_numpy_iterator()]
+  assert [in_order[i] for i in batch['index']] == batch['label'].tolist()
   for i in range(8):
     assert np.abs(views[i, 0] - views[i, 1]).max() > 0.05
 
@@ -353,12 +368,11 @@ def test_eval_processes_split_the_work(tiny_data_dir, processes, batch_size):
 
 
 def test_eval_images_are_centre_crops(tiny_data_dir):
-  from jaxssl import augment  # pylint: disable=g-import-not-at-top
   config = make_config(tiny_data_dir, **{'dataset.image_size': 40})
   batch = next(input_pipeline.eval_batches(config, 'test', batch_size=3))
   builder = tfds.builder('jaxssl_tiny_images', data_dir=tiny_data_dir)
   for i, ex in enumerate(builder.as_dataset(split='test').take(3)):
-    expected = augment.center_crop(ex['image'], out_size=40).numpy()
+    expected = host.center_crop(ex['image'], out_size=40).numpy()
     np.testing.assert_allclose(batch['image'][i], expected, atol=1e-6)
 
 
@@ -370,7 +384,8 @@ def test_mocked_datasets_flow_through(name, channels):
     batch = next(input_pipeline.pretrain_batches(config))
     evals = list(input_pipeline.eval_batches(config, 'test', batch_size=6))
   assert batch['views'][0].shape == (8, 2, 24, 24, channels)
-  assert 0.0 <= batch['views'][0].min() <= batch['views'][0].max() <= 1.0
+  (done,) = finished(batch, config)
+  assert 0.0 <= done.min() <= done.max() <= 1.0
   assert [b['image'].shape for b in evals] == [(6, 24, 24, channels)] * 3
   assert sum(int(b['mask'].sum()) for b in evals) == 16
 

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from jaxssl import augment
+from jaxssl.augment import host
 from jaxssl import preview
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,8 +30,7 @@ def make_config(name='cifar10', image_size=32, num_views=2, image_folder=''):
                    brightness='multiplicative', blur_prob=0.5,
                    view_blur_probs=(), blur_sigma=(0.1, 2.0),
                    view_solarize_probs=(), num_small_views=0,
-                   small_image_size=16, small_crop_area=(0.05, 0.14),
-                   on_device=False)))
+                   small_image_size=16, small_crop_area=(0.05, 0.14))))
 
 
 def read_png(path) -> np.ndarray:
@@ -55,7 +54,7 @@ def test_grid_layout_and_centre_crop_column(tmp_path):
   assert grid.shape == (3 * 96 + 4 * 2, 3 * 96 + 4 * 2, 3)
   assert (grid[:2] == 255).all() and (grid[:, :2] == 255).all()
   for row, image in enumerate(images):
-    crop = augment.center_crop(image, out_size=32).numpy()
+    crop = host.center_crop(image, out_size=32).numpy()
     expected = np.round(crop * 255).repeat(3, 0).repeat(3, 1)
     np.testing.assert_allclose(cell(grid, row, 0, 96), expected, atol=1)
     first, second = cell(grid, row, 1, 96), cell(grid, row, 2, 96)

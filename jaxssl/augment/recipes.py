@@ -1,42 +1,65 @@
-"""The per-view functions of the recipes and the registry that names them.
+"""The augmentation recipes as tables: per-view probabilities and strengths.
 
-A view function maps `(image, seed)` to one augmented view:
-`fn(image, seed, *, view_index, out_size, config_augment)`. Views
-`0 .. num_views - 1` are the global crops (`crop_area`, `out_size` =
-`dataset.image_size`); views `num_views .. num_views + num_small_views - 1`
-are the small multi-crop crops (`small_crop_area`, `out_size` =
-`small_image_size`). A view depends on `view_index` only through
-`view_spec(config_augment, view_index)`, so callers may trace one function
-per distinct spec.
+TF-free and JAX-free, so that loading a config (which calls
+`recipe_defaults`) or checking it imports neither. The host half of a view
+(`jaxssl.augment.host`) and its device half (`jaxssl.augment.device`) both
+read their parameters from here.
 
 Every recipe runs the same steps in the same order: random resized crop,
-flip, colour jitter (p = `color_prob`), grayscale (p = `grayscale_prob`),
-clip, Gaussian blur (p per view), clip, solarize (p per view). Flip commutes
-with every later step (they are pointwise or mirror-symmetric), so this
-order is each official pipeline's. What a recipe fixes beyond the config
-keys is the implementation of the steps, `Laws`.
+flip (host); colour jitter (p = `color_prob`), grayscale (p =
+`grayscale_prob`), clip, Gaussian blur (p per view), clip, solarize (p per
+view) (device). Flip commutes with every later step (they are pointwise or
+mirror-symmetric), so this order is each official pipeline's. What a recipe
+fixes beyond the config keys is the implementation of the steps, `Laws`.
+
+Views `0 .. num_views - 1` are the global crops (`crop_area`, side
+`dataset.image_size`); views `num_views .. num_views + num_small_views - 1`
+are the multi-crop small crops (`small_crop_area`, side
+`small_image_size`).
+
+References:
+  Chen et al., SimCLR, ICML 2020, Appendix A; Grill et al., BYOL, NeurIPS
+  2020, Table 6; Chen et al., Improved Baselines with Momentum Contrastive
+  Learning (MoCo v2), 2020; Chen, Xie and He, An Empirical Study of
+  Training Self-Supervised Vision Transformers (MoCo v3), ICCV 2021; Caron
+  et al., SwAV, NeurIPS 2020.
 """
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import ml_collections
-import tensorflow as tf
 
-from jaxssl.augment import blur
-from jaxssl.augment import color
-from jaxssl.augment import crops
-
-ViewFn = Callable[..., tf.Tensor]
+CROP_SAMPLERS = ('tf', 'byol', 'torchvision')
+RESIZE_METHODS = ('bicubic', 'bilinear')
+BRIGHTNESS_MODES = ('multiplicative', 'additive')
+TF_LUMA = (0.2989, 0.587, 0.114)  # tf.image.rgb_to_grayscale
+PIL_LUMA = (0.299, 0.587, 0.114)  # PIL Image.convert('L'), ITU-R 601-2
+# SimCLR's contrast and saturation factors are U[1 - 0.8 s, 1 + 0.8 s], which
+# tf.image only accepts for a non-negative lower bound (the official code
+# fails beyond too).
+MAX_COLOR_STRENGTH = 1.25
 
 
 @dataclasses.dataclass(frozen=True)
 class Laws:
-  """How a family of official code bases implements the steps."""
-  jitter: str  # 'tf' | 'torchvision' (see `color`)
-  blur: str  # 'tf': SimCLR/BYOL kernel, zero padding; 'pil': PIL box blur
-  antialias: bool  # PIL's resize widens the filter when downscaling
-  clip_after_resize: bool  # BYOL clips after the bicubic resize; PIL: uint8
+  """How a family of official code bases implements the steps.
+
+  Attributes:
+    jitter: 'tf' (SimCLR's tf.image and BYOL's JAX port of it: contrast
+      about each channel's mean, saturation in HSV clipped, luma TF_LUMA) or
+      'torchvision' (PIL: contrast blended with the mean luma, saturation
+      with the pixel's luma, luma PIL_LUMA; factors U[max(0, 1 - x), 1 + x]).
+    blur: 'tf' (SimCLR/BYOL: a kernel of side // 10 taps, zero padding) or
+      'pil' (PIL's GaussianBlur: three extended box passes, edges repeated).
+    antialias: the resize widens its filter when downscaling (PIL).
+    clip_after_resize: BYOL clips after the bicubic resize; PIL is uint8.
+    solarize_threshold: x < t ? x : 1 - x (0.5, PIL's 128 / 255).
+  """
+  jitter: str
+  blur: str
+  antialias: bool
+  clip_after_resize: bool
   solarize_threshold: float
 
 
@@ -48,9 +71,76 @@ TORCHVISION_LAWS = Laws(jitter='torchvision', blur='pil', antialias=True,
                         clip_after_resize=True,
                         solarize_threshold=128 / 255)
 
+RECIPE_LAWS: dict[str, Laws] = {
+    'simclr': SIMCLR_LAWS,
+    'byol': BYOL_LAWS,
+    'moco_v2': TORCHVISION_LAWS,
+    'moco_v3': TORCHVISION_LAWS,
+    'swav': TORCHVISION_LAWS,
+}
+RECIPES = tuple(sorted(RECIPE_LAWS))
+
+# The keys whose official values differ between recipes; every other key of
+# `config.augment` (num_views, crop_aspect, flip, color_strength,
+# color_prob 0.8, grayscale_prob 0.2, blur_sigma (0.1, 2)) is the same in
+# all five. SimCLR's entry is `config_schema.defaults()`.
+_SIMCLR = dict(
+    recipe='simclr', crop_sampler='tf', crop_area=(0.08, 1.0),
+    resize_method='bicubic', color_jitter=(), brightness='multiplicative',
+    blur_prob=0.5, view_blur_probs=(), view_solarize_probs=(),
+    num_small_views=0, small_image_size=96, small_crop_area=(0.05, 0.14))
+_RECIPE_VALUES = {
+    'simclr': {},
+    'byol': dict(crop_sampler='byol', color_jitter=(0.4, 0.4, 0.2, 0.1),
+                 brightness='additive', view_blur_probs=(1.0, 0.1),
+                 view_solarize_probs=(0.0, 0.2)),
+    'moco_v2': dict(crop_sampler='torchvision', crop_area=(0.2, 1.0),
+                    resize_method='bilinear',
+                    color_jitter=(0.4, 0.4, 0.4, 0.1)),
+    # moco-v3's code default is crop_min=0.08; every ResNet-50 config in its
+    # CONFIG.md uses 0.2.
+    'moco_v3': dict(crop_sampler='torchvision', crop_area=(0.2, 1.0),
+                    resize_method='bilinear',
+                    color_jitter=(0.4, 0.4, 0.2, 0.1),
+                    view_blur_probs=(1.0, 0.1),
+                    view_solarize_probs=(0.0, 0.2)),
+    'swav': dict(crop_sampler='torchvision', crop_area=(0.14, 1.0),
+                 resize_method='bilinear', color_jitter=(0.8, 0.8, 0.8, 0.2),
+                 num_small_views=6, small_image_size=96,
+                 small_crop_area=(0.05, 0.14)),
+}
+
+
+def get_laws(recipe: str) -> Laws:
+  """The `Laws` of `recipe`; a one-line error for an unknown name."""
+  if recipe not in RECIPE_LAWS:
+    raise ValueError(f"unknown augment recipe '{recipe}'; known: "
+                     f'{", ".join(RECIPES)}')
+  return RECIPE_LAWS[recipe]
+
+
+def recipe_defaults(recipe: str) -> dict:
+  """The official values of the recipe-specific `config.augment` keys.
+
+  Use in a config file as `c.augment.update(augment.recipe_defaults('byol'))`,
+  then tune (e.g. no blur at 32 px: `view_blur_probs = (0.0, 0.0)`). Sizes
+  are ImageNet's (SwAV: 2 x 224 + 6 x 96 with `dataset.image_size = 224`).
+
+  Args:
+    recipe: a name in `RECIPES`.
+
+  Returns:
+    A dict over recipe, crop_sampler, crop_area, resize_method,
+    color_jitter, brightness, blur_prob, view_blur_probs,
+    view_solarize_probs, num_small_views, small_image_size and
+    small_crop_area.
+  """
+  get_laws(recipe)
+  return {**_SIMCLR, 'recipe': recipe, **_RECIPE_VALUES[recipe]}
+
 
 class ViewSpec(NamedTuple):
-  """Everything a view depends on besides the image, seed and config."""
+  """Everything a view depends on besides the image, key and config."""
   small: bool  # a multi-crop small crop
   crop_area: tuple[float, float]
   blur_prob: float
@@ -90,7 +180,7 @@ def view_spec(config_augment: ml_collections.ConfigDict,
 
 
 def jitter_strengths(config_augment: ml_collections.ConfigDict):
-  """(b, c, s, h): `color_jitter`, or SimCLR's from `color_strength`."""
+  """(b, c, s, h): `color_jitter`, or SimCLR's (.8s, .8s, .8s, .2s)."""
   c = config_augment
   if c.color_jitter:
     return tuple(float(x) for x in c.color_jitter)
@@ -98,179 +188,78 @@ def jitter_strengths(config_augment: ml_collections.ConfigDict):
   return (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
 
 
-def _coin(seed: tf.Tensor, p: float) -> tf.Tensor:
-  """A boolean that is True with probability p (SimCLR's `random_apply`)."""
-  return tf.random.stateless_uniform([], seed) < p
+def _check_interval(name, value, low, high):
+  lo, hi = value
+  if not low < lo <= hi or (hi > high):
+    raise ValueError(f'{name}={tuple(value)} must satisfy {low} < lo <= hi '
+                     f'<= {high}')
 
 
-def _blur(image, sigma, *, laws: Laws, out_size: int, max_sigma: float):
-  if laws.blur == 'tf':
-    # SimCLR's H // 10 and BYOL's H / 10 give the same int(size / 2) radius.
-    return blur.gaussian_blur(image, kernel_size=out_size // 10, sigma=sigma)
-  return blur.pil_gaussian_blur(image, sigma=sigma, max_sigma=max_sigma)
+def _check_choice(name, value, allowed):
+  if value not in allowed:
+    raise ValueError(f"unknown augment.{name} '{value}'; known: "
+                     f'{", ".join(allowed)}')
 
 
-def _color_steps(image, seeds, c, laws: Laws):
-  """Colour jitter (p = color_prob), then grayscale, then a clip."""
-  strengths = jitter_strengths(c)
-  if c.color_prob > 0 and any(x > 0 for x in strengths):
-    image = tf.cond(
-        _coin(seeds[2], c.color_prob),
-        lambda: color.jitter_colors(image, seeds[3], strengths=strengths,
-                                    brightness=c.brightness, law=laws.jitter),
-        lambda: image)
-  if c.grayscale_prob > 0 and color.num_channels(image) == 3:
-    image = tf.cond(_coin(seeds[4], c.grayscale_prob),
-                    lambda: color.to_grayscale(image, law=laws.jitter),
-                    lambda: image)
-  return tf.clip_by_value(image, 0.0, 1.0)
+def _check_jitter(c, laws: Laws) -> None:
+  if not 0.0 <= c.color_strength <= MAX_COLOR_STRENGTH:
+    raise ValueError(f'augment.color_strength={c.color_strength} must be in '
+                     f'[0, {MAX_COLOR_STRENGTH}] (contrast and saturation '
+                     'factors 1 - 0.8 s must stay >= 0)')
+  if c.color_jitter and len(c.color_jitter) != 4:
+    raise ValueError(f'augment.color_jitter={tuple(c.color_jitter)} must be '
+                     '() or 4 strengths (brightness, contrast, saturation, '
+                     'hue)')
+  b, con, sat, hue = jitter_strengths(c)
+  # tf.image needs non-negative contrast and saturation factors 1 - x;
+  # torchvision clamps them at 0 instead.
+  top = 1.0 if laws.jitter == 'tf' else float('inf')
+  if min(b, con, sat, hue) < 0 or max(con, sat) > top or hue > 0.5:
+    raise ValueError(f'augment.color_jitter={(b, con, sat, hue)} must be >= 0 '
+                     f'with hue <= 0.5 (and contrast, saturation <= 1 for '
+                     f"recipe '{c.recipe}')")
 
 
-def make_view(image: tf.Tensor, seed: tf.Tensor, *, view_index: int,
-              out_size: int, config_augment: ml_collections.ConfigDict,
-              laws: Laws) -> tf.Tensor:
-  """One view of one image under `laws` and `config.augment`.
+def _check_per_view(c) -> None:
+  lengths = (0, c.num_views, c.num_views + c.num_small_views)
+  for key in ('view_blur_probs', 'view_solarize_probs'):
+    if len(c[key]) not in lengths:
+      raise ValueError(
+          f'augment.{key}={tuple(c[key])} must have 0, num_views='
+          f'{c.num_views} or num_views + num_small_views={lengths[2]} '
+          'entries')
+    if not all(0.0 <= p <= 1.0 for p in c[key]):
+      raise ValueError(f'augment.{key}={tuple(c[key])} must hold '
+                       'probabilities in [0, 1]')
+
+
+def check_config(config_augment: ml_collections.ConfigDict) -> None:
+  """Raises a one-line ValueError naming the first bad `config.augment` value.
 
   Args:
-    image: uint8 or float [H, W, C] (C = 1 or 3, static), any H and W; a
-      float image must already be in [0, 1].
-    seed: int32 or int64 tensor [2]; the view is a pure function of it.
-    view_index: which view (module docstring); picks the crop area and the
-      per-view probabilities.
-    out_size: side of the square output: `dataset.image_size` for a global
-      view, `small_image_size` for a small one.
-    config_augment: `config.augment`.
-    laws: the recipe's implementation of the steps.
-
-  Returns:
-    float32 [out_size, out_size, C] in [0, 1].
+    config_augment: the `config.augment` block (keys listed in
+      `config_schema.defaults`).
   """
   c = config_augment
-  spec = view_spec(c, view_index)
-  if spec.small and out_size != c.small_image_size:
-    raise ValueError(f'out_size={out_size} for small view {view_index}; '
-                     f'must be augment.small_image_size={c.small_image_size}')
-  channels = color.num_channels(image)
-  # The first 7 seeds equal a 7-way split (Philox streams are prefixes), so
-  # SimCLR's views are those of the 7-seed recipe before solarize existed.
-  seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 8))
-  image = tf.image.convert_image_dtype(image, tf.float32)
-  image = crops.random_resized_crop(
-      image, seeds[0], sampler=c.crop_sampler, area_range=spec.crop_area,
-      aspect_range=c.crop_aspect, out_size=out_size, method=c.resize_method,
-      antialias=laws.antialias)
-  if laws.clip_after_resize:
-    image = tf.clip_by_value(image, 0.0, 1.0)
-  if c.flip:
-    image = tf.image.stateless_random_flip_left_right(image, seeds[1])
-    image = tf.ensure_shape(image, [out_size, out_size, channels])
-  image = _color_steps(image, seeds, c, laws)
-  if spec.blur_prob > 0:
-    sigma = tf.random.stateless_uniform([], seeds[6], minval=c.blur_sigma[0],
-                                        maxval=c.blur_sigma[1])
-    image = tf.cond(
-        _coin(seeds[5], spec.blur_prob),
-        lambda: _blur(image, sigma, laws=laws, out_size=out_size,
-                      max_sigma=c.blur_sigma[1]),
-        lambda: image)
-    image = tf.clip_by_value(image, 0.0, 1.0)
-  if spec.solarize_prob > 0:
-    image = tf.cond(
-        _coin(seeds[7], spec.solarize_prob),
-        lambda: color.solarize(image, threshold=laws.solarize_threshold),
-        lambda: image)
-  return tf.ensure_shape(image, [out_size, out_size, channels])
-
-
-def simclr_view(image: tf.Tensor, seed: tf.Tensor, *, out_size: int,
-                config_augment: ml_collections.ConfigDict,
-                view_index: int = 0) -> tf.Tensor:
-  """A SimCLR view: TF ops, no clip before the colour ops.
-
-  Differences from google-research/simclr, on purpose: the blur runs on the
-  host, per image (SimCLR blurs on the device with one sigma per view-batch
-  and replica, and a per-example coin); each image gets its own coin and
-  sigma from the same laws, with the same kernel. `view_index` defaults to
-  0, which is exact whenever the per-view tuples are empty (SimCLR's views
-  are symmetric).
-
-  Args, Returns: as `make_view`.
-
-  References:
-    google-research/simclr `data_util.preprocess_for_train` and
-    `batch_random_blur`; SimCLR paper Appendix A.
-  """
-  return make_view(image, seed, view_index=view_index, out_size=out_size,
-                   config_augment=config_augment, laws=SIMCLR_LAWS)
-
-
-def byol_view(image: tf.Tensor, seed: tf.Tensor, *, view_index: int,
-              out_size: int,
-              config_augment: ml_collections.ConfigDict) -> tf.Tensor:
-  """A BYOL view: TF ops, clipped after the bicubic resize.
-
-  BYOL runs everything after the crop on the accelerator in JAX; its ops
-  (additive brightness, per-channel-mean contrast, HSV saturation and hue,
-  luma 0.2989/0.587/0.114, per-image sigma, 23-tap zero-padded blur at
-  224 px, solarize x < 0.5 ? x : 1 - x) are the TF ops used here, so only
-  the random streams differ.
-
-  Args, Returns: as `make_view`.
-
-  References:
-    deepmind-research `byol/utils/augmentations.py`, `byol/utils/dataset.py`.
-  """
-  return make_view(image, seed, view_index=view_index, out_size=out_size,
-                   config_augment=config_augment, laws=BYOL_LAWS)
-
-
-def torchvision_view(image: tf.Tensor, seed: tf.Tensor, *, view_index: int,
-                     out_size: int,
-                     config_augment: ml_collections.ConfigDict) -> tf.Tensor:
-  """A MoCo v2/v3 or SwAV view: the laws of torchvision's PIL transforms.
-
-  `RandomResizedCrop` resizes with PIL's antialiased filter (as
-  `tf.image.resize(antialias=True)`, equal in float), `ColorJitter` blends
-  contrast with the image's mean luma and saturation with the pixel's luma,
-  `RandomGrayscale` uses PIL's luma, the blur is PIL's `GaussianBlur` (three
-  extended box passes with edges repeated), and solarize is PIL's threshold
-  128. Differences: everything is float32, where PIL rounds to uint8 after
-  every op (for a blur with sigma near 0.1 that rounding undoes most of
-  PIL's blur; here it stays a slight blur).
-
-  Args, Returns: as `make_view`.
-
-  References:
-    facebookresearch/moco `main_moco.py`, `moco/loader.py`;
-    facebookresearch/moco-v3 `main_moco.py`, `moco/loader.py`;
-    facebookresearch/swav `src/multicropdataset.py`.
-  """
-  return make_view(image, seed, view_index=view_index, out_size=out_size,
-                   config_augment=config_augment, laws=TORCHVISION_LAWS)
-
-
-RECIPES: dict[str, ViewFn] = {
-    'simclr': simclr_view,
-    'byol': byol_view,
-    'moco_v2': torchvision_view,
-    'moco_v3': torchvision_view,
-    'swav': torchvision_view,
-}
-
-
-# The laws each recipe's view function uses (for config checks).
-RECIPE_LAWS: dict[str, Laws] = {
-    'simclr': SIMCLR_LAWS,
-    'byol': BYOL_LAWS,
-    'moco_v2': TORCHVISION_LAWS,
-    'moco_v3': TORCHVISION_LAWS,
-    'swav': TORCHVISION_LAWS,
-}
-
-
-def get_recipe(name: str) -> ViewFn:
-  """Returns the view function registered under `name` in `RECIPES`."""
-  if name not in RECIPES:
-    raise ValueError(f"unknown augment recipe '{name}'; known: "
-                     f'{", ".join(sorted(RECIPES))}')
-  return RECIPES[name]
+  laws = get_laws(c.recipe)
+  if c.num_views < 1:
+    raise ValueError(f'augment.num_views={c.num_views} must be >= 1')
+  if c.num_small_views < 0:
+    raise ValueError(f'augment.num_small_views={c.num_small_views} must be '
+                     '>= 0')
+  if c.small_image_size < 1:
+    raise ValueError(f'augment.small_image_size={c.small_image_size} must be '
+                     '>= 1')
+  _check_choice('crop_sampler', c.crop_sampler, CROP_SAMPLERS)
+  _check_choice('resize_method', c.resize_method, RESIZE_METHODS)
+  _check_choice('brightness', c.brightness, BRIGHTNESS_MODES)
+  _check_interval('augment.crop_area', c.crop_area, 0.0, 1.0)
+  _check_interval('augment.small_crop_area', c.small_crop_area, 0.0, 1.0)
+  _check_interval('augment.crop_aspect', c.crop_aspect, 0.0, float('inf'))
+  _check_interval('augment.blur_sigma', c.blur_sigma, 0.0, float('inf'))
+  for key in ('color_prob', 'grayscale_prob', 'blur_prob'):
+    if not 0.0 <= c[key] <= 1.0:
+      raise ValueError(f'augment.{key}={c[key]} must be a probability in '
+                       '[0, 1]')
+  _check_per_view(c)
+  _check_jitter(c, laws)

@@ -5,7 +5,7 @@
   python -m jaxssl.bench peak
   python -m jaxssl.bench step --config configs/simclr_cifar10.py --batch 64
   python -m jaxssl.bench input --config configs/simclr_fashion_mnist.py
-  python -m jaxssl.bench augment --sizes 32 224 --json
+  python -m jaxssl.bench augment --recipe byol --sizes 224 --json
 
 See `jaxssl/bench/__init__.py` for the subcommand contract. The PyTorch
 comparison is not part of the package: `python -m benchmarks.compare` from

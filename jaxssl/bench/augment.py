@@ -1,30 +1,26 @@
-"""SimCLR views per second: on-device JAX augmentation vs the tf.data host path.
+"""Views per second of each half of a recipe: host crops and device colour.
 
-Both paths make 2 views per image of the same synthetic in-memory uint8
-images, with the same recipe (`config_schema.defaults().augment`, blur on
-or off), on this machine:
-- host: `tf.data` from memory, `augment.simclr_view` per view mapped with
+Every recipe is split in two (`jaxssl.augment`): the host half
+(`augment.host.crop_view`: random resized crop of the original image,
+resize, flip) runs in tf.data, the device half (`augment.device.
+finish_views`: jitter, grayscale, blur, solarize) inside the jitted step.
+This times both on synthetic in-memory uint8 images, with the recipe's
+official parameters (`augment.recipe_defaults`) or the quickstart's
+(`--recipe quickstart`: configs/simclr_fashion_mnist.py, 28 px grey):
+- host: `tf.data` from memory, one `crop_view` per view mapped with
   AUTOTUNE parallelism and deterministic order, batched and prefetched (the
-  map of `jaxssl.input_pipeline`, without reading or decoding); each timing
-  uses a fresh pipeline warmed by one batch, so nothing is prefetched while
-  the device path runs;
-- device: `augment_device.simclr_views` jitted on the uint8 batch, already
-  on the device, timed to `block_until_ready` (compile time reported apart),
-  with the loop `--impl` picks (`auto`: the sequential loop when the run
-  has one CPU device, as `python -m jaxssl.bench` has).
+  map of `jaxssl.input_pipeline`, without reading or decoding); a fresh
+  pipeline per timing, warmed by one batch;
+- device: `finish_views` jitted on the host's views, already on the device,
+  timed to `block_until_ready` (compile time reported apart).
 Runs alternate (host, device, host, ...) so a change of machine load hits
 both; the median of `--repeats` timings counts. Figures are images per
-second (each image gives 2 views).
+second (each image gives `num_views` views); the two halves run
+concurrently in training, so the slower one bounds the input rate.
 
-  python -m jaxssl.bench augment                    # 32 and 224 px, blur
-  python -m jaxssl.bench augment --sizes 224 --batch 64 --json
-  python -m jaxssl.bench augment --sizes 32 --no-blur
-  python -m jaxssl.bench augment --sizes 224 --batch 32 --stages
-  python -m jaxssl.bench augment --sizes 224 --impl vectorized
-
-`--stages` also times the device path with the recipe's ops switched on
-one by one (crop + resize, + flip, + jitter, + grayscale, + blur), to show
-where its time goes.
+  python -m jaxssl.bench augment                          # quickstart, 28 px
+  python -m jaxssl.bench augment --recipe byol --sizes 224 --batch 32
+  python -m jaxssl.bench augment --recipe simclr --sizes 32 224 --json
 """
 
 import statistics
@@ -32,52 +28,54 @@ import time
 
 from jaxssl.bench import peak
 
-HELP = 'img/s of on-device JAX augmentation vs the tf.data host pipeline'
-NUM_VIEWS = 2
+HELP = 'img/s of the host (crop) and device (colour, blur) augmentation'
+RECIPES = ('quickstart', 'simclr', 'byol', 'moco_v2', 'moco_v3', 'swav')
 
 
 def add_arguments(parser) -> None:
   """Registers the `augment` options on `parser`."""
-  parser.add_argument('--sizes', type=int, nargs='+', default=[32, 224],
+  parser.add_argument('--recipe', default='quickstart', choices=RECIPES,
+                      help="a recipe at its official values, or 'quickstart'"
+                      ' (configs/simclr_fashion_mnist.py)')
+  parser.add_argument('--sizes', type=int, nargs='+', default=[28],
                       help='view sides S (source images are S x S too '
                       'unless --source-size is given)')
   parser.add_argument('--source-size', type=int, default=0,
                       help='side of the source images (0: the view side)')
-  parser.add_argument('--blur', action='store_true', default=True,
-                      help='SimCLR blur, p = 0.5 (default)')
-  parser.add_argument('--no-blur', dest='blur', action='store_false',
-                      help='blur_prob = 0 (the CIFAR recipe)')
-  parser.add_argument('--batch', type=int, default=128,
-                      help='images per batch (both paths)')
+  parser.add_argument('--channels', type=int, default=0, choices=(0, 1, 3),
+                      help='source channels (0: 1 for quickstart, else 3)')
+  parser.add_argument('--batch', type=int, default=256,
+                      help='images per batch (both halves)')
   parser.add_argument('--batches', type=int, default=4,
                       help='batches per timing')
   parser.add_argument('--repeats', type=int, default=3,
-                      help='alternating timings per path; the median counts')
-  parser.add_argument('--impl', default='auto',
-                      choices=('auto', 'vectorized', 'sequential'),
-                      help="the device path's loop (augment_device.simclr_views"
-                      "; 'auto': sequential on a 1-device CPU run)")
-  parser.add_argument('--stages', action='store_true',
-                      help='also time the device path op by op')
+                      help='alternating timings per half; the median counts')
 
 
-def _images(n: int, side: int):
-  import numpy as np
-  return np.random.RandomState(0).randint(0, 256, (n, side, side, 3),
-                                          np.uint8)
+def recipe_config(recipe: str):
+  """`config.augment` of `recipe` (global views only: one crop size)."""
+  from jaxssl import config_presets
+  from jaxssl import config_schema
+  from jaxssl.augment import recipes
+  config = config_schema.defaults('simclr')
+  if recipe == 'quickstart':
+    config_presets.fashion_mnist_cpu(config)
+  else:
+    config.augment.update(recipes.recipe_defaults(recipe))
+    config.augment.num_small_views = 0
+  return config.augment
 
 
 def _host_batches(images, config_augment, out_size: int, batch: int):
-  """An endless iterator of host view batches [batch, 2, S, S, 3]."""
+  """An endless iterator of host view batches [batch, V, S, S, C]."""
   import tensorflow as tf
-  from jaxssl import augment
+  from jaxssl.augment import host
 
   def views(index, image):
-    seeds = [tf.stack([index, tf.constant(v, tf.int64)])
-             for v in range(NUM_VIEWS)]
-    return tf.stack([augment.simclr_view(image, s, out_size=out_size,
-                                         config_augment=config_augment)
-                     for s in seeds])
+    return tf.stack([host.crop_view(
+        image, tf.stack([index, tf.constant(v, tf.int64)]), view_index=v,
+        out_size=out_size, config_augment=config_augment)
+                     for v in range(config_augment.num_views)])
 
   ds = tf.data.Dataset.from_tensor_slices(images).enumerate().repeat()
   ds = ds.map(tf.autograph.experimental.do_not_convert(views),
@@ -87,8 +85,6 @@ def _host_batches(images, config_augment, out_size: int, batch: int):
 
 def _time_host(images, config_augment, out_size: int, batch: int,
                batches: int) -> float:
-  # A fresh pipeline per timing, warmed by one batch: a pipeline kept alive
-  # across the device timings would prefetch in the background meanwhile.
   iterator = _host_batches(images, config_augment, out_size, batch)
   next(iterator)
   start = time.perf_counter()
@@ -97,89 +93,46 @@ def _time_host(images, config_augment, out_size: int, batch: int,
   return time.perf_counter() - start
 
 
-def _time_device(fn, images, keys) -> float:
+def _time_device(fn, views, keys) -> float:
   start = time.perf_counter()
   out = None
   for key in keys:
-    out = fn(images, key)
-  out.block_until_ready()
+    out = fn(views, key)
+  out[0].block_until_ready()
   return time.perf_counter() - start
-
-
-# Cumulative device-path stages: the ops switched off until their stage.
-STAGES = (
-    ('crop + resize', dict(flip=False, color_prob=0.0, grayscale_prob=0.0,
-                           blur_prob=0.0)),
-    ('+ flip', dict(color_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)),
-    ('+ colour jitter', dict(grayscale_prob=0.0, blur_prob=0.0)),
-    ('+ grayscale', dict(blur_prob=0.0)),
-    ('+ blur', {}),
-)
-
-
-def _device_fn(config_augment, size: int, impl: str):
-  import functools
-  import jax
-  from jaxssl import augment_device
-  return jax.jit(functools.partial(augment_device.simclr_views,
-                                   num_views=NUM_VIEWS, out_size=size,
-                                   config_augment=config_augment, impl=impl))
-
-
-def measure_stages(size: int, config_augment, device_images,
-                   args) -> list[dict]:
-  """Device img/s with the recipe's ops added one at a time (median)."""
-  import jax
-  rows = []
-  for name, off in STAGES:
-    if name == '+ blur' and not args.blur:
-      continue
-    cfg = config_augment.copy_and_resolve_references()
-    cfg.update(off)
-    fn = _device_fn(cfg, size, args.impl)
-    fn(device_images, jax.random.key(0)).block_until_ready()
-    timings = [_time_device(fn, device_images,
-                            [jax.random.key(1000 * r + i)
-                             for i in range(args.batches)])
-               for r in range(args.repeats)]
-    rate = args.batch * args.batches / statistics.median(timings)
-    rows.append({'stage': name, 'device_img_s': rate,
-                 'ms_per_view': 1e3 / (rate * NUM_VIEWS)})
-  return rows
 
 
 def measure(size: int, args) -> dict:
   """Alternating host and device timings at one view size."""
   import jax
-  from jaxssl import config_schema
-
-  config_augment = config_schema.defaults().augment
-  config_augment.blur_prob = 0.5 if args.blur else 0.0
+  import numpy as np
+  from jaxssl.augment import device
+  config_augment = recipe_config(args.recipe)
+  channels = args.channels or (1 if args.recipe == 'quickstart' else 3)
   source = args.source_size or size
-  images = _images(args.batch, source)
-  fn = _device_fn(config_augment, size, args.impl)
-  device_images = jax.device_put(images)
+  images = np.random.RandomState(0).randint(
+      0, 256, (args.batch, source, source, channels), np.uint8)
+  views = (jax.device_put(next(_host_batches(images, config_augment, size,
+                                             args.batch))),)
+  fn = jax.jit(lambda v, k: device.finish_views(v, k, config_augment))
   start = time.perf_counter()
-  fn(device_images, jax.random.key(0)).block_until_ready()
+  fn(views, jax.random.key(0))[0].block_until_ready()
   compile_s = time.perf_counter() - start
   host_s, device_s = [], []
   for r in range(args.repeats):
     host_s.append(_time_host(images, config_augment, size, args.batch,
                              args.batches))
     keys = [jax.random.key(1000 * r + i) for i in range(args.batches)]
-    device_s.append(_time_device(fn, device_images, keys))
+    device_s.append(_time_device(fn, views, keys))
   images_per_timing = args.batch * args.batches
   host_rate = images_per_timing / statistics.median(host_s)
   device_rate = images_per_timing / statistics.median(device_s)
-  result = {'size': size, 'source_size': source, 'blur': args.blur,
-            'batch': args.batch, 'host_img_s': host_rate,
-            'device_img_s': device_rate, 'ratio': device_rate / host_rate,
-            'device_compile_s': compile_s, 'host_timings_s': host_s,
-            'device_timings_s': device_s}
-  if args.stages:
-    result['stages'] = measure_stages(size, config_augment, device_images,
-                                      args)
-  return result
+  return {'size': size, 'source_size': source, 'channels': channels,
+          'batch': args.batch, 'host_img_s': host_rate,
+          'device_img_s': device_rate,
+          'combined_img_s': min(host_rate, device_rate),
+          'device_compile_s': compile_s, 'host_timings_s': host_s,
+          'device_timings_s': device_s}
 
 
 def run(args) -> dict:
@@ -191,13 +144,12 @@ def run(args) -> dict:
     raise ValueError(f'--sizes={args.sizes} and --source-size='
                      f'{args.source_size} must be positive')
   import jax
-  from jaxssl import augment_device
-  impl = augment_device.resolve_impl(args.impl)
   machine = peak.machine_info()
   results = [measure(size, args) for size in args.sizes]
   machine['loadavg_after'] = peak.machine_info()['loadavg']
   return {'ok': True, 'machine': machine, 'backend': jax.default_backend(),
-          'views_per_image': NUM_VIEWS, 'device_impl': impl,
+          'recipe': args.recipe,
+          'views_per_image': recipe_config(args.recipe).num_views,
           'results': results}
 
 
@@ -205,23 +157,12 @@ def format_report(report: dict) -> str:
   """The table: one row per view size."""
   m = report['machine']
   lines = [f"backend {report['backend']}, {m['cpu_count']} CPUs, load "
-           f"{m['loadavg'][0]:.1f} -> {m['loadavg_after'][0]:.1f}; "
-           f"{report['views_per_image']} views per image; device loop "
-           f"{report['device_impl']}",
-           f"{'size':>5} {'source':>6} {'blur':>5} {'batch':>5} "
-           f"{'tf.data img/s':>14} {'device img/s':>13} {'ratio':>6} "
-           f"{'compile s':>9}"]
+           f"{m['loadavg'][0]:.1f} -> {m['loadavg_after'][0]:.1f}; recipe "
+           f"{report['recipe']}, {report['views_per_image']} views per image",
+           f"{'size':>5} {'source':>6} {'C':>2} {'batch':>5} "
+           f"{'host img/s':>11} {'device img/s':>13} {'compile s':>9}"]
   for r in report['results']:
-    lines.append(f"{r['size']:>5} {r['source_size']:>6} {str(r['blur']):>5} "
-                 f"{r['batch']:>5} {r['host_img_s']:>14.1f} "
-                 f"{r['device_img_s']:>13.1f} {r['ratio']:>6.2f} "
-                 f"{r['device_compile_s']:>9.1f}")
-  for r in report['results']:
-    previous = 0.0
-    for stage in r.get('stages', ()):
-      lines.append(f"  {r['size']} px, {stage['stage']:<16} "
-                   f"{stage['device_img_s']:>9.1f} img/s "
-                   f"{stage['ms_per_view']:>7.2f} ms/view "
-                   f"(+{stage['ms_per_view'] - previous:.2f})")
-      previous = stage['ms_per_view']
+    lines.append(f"{r['size']:>5} {r['source_size']:>6} {r['channels']:>2} "
+                 f"{r['batch']:>5} {r['host_img_s']:>11.1f} "
+                 f"{r['device_img_s']:>13.1f} {r['device_compile_s']:>9.1f}")
   return '\n'.join(lines)

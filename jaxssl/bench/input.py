@@ -2,11 +2,14 @@
 
 In one subprocess, for one config:
 1. the pipeline alone: `input_pipeline.pretrain_batches(config)` (read,
-   decode, augment V views, batch) timed over `--batches` batches after
+   decode, crop + resize + flip V views, batch: the host half of the
+   augmentation) timed over `--batches` batches after
    `--warmup` batches (the first batch, which prepares and caches the
    split, is reported on its own);
 2. the step alone: the trainer's jitted step on a synthetic batch of the
-   same shape (`jaxssl.bench.harness`), median of `--steps` steps;
+   same shape (`jaxssl.bench.harness`), median of `--steps` steps; the
+   step includes the device half of the augmentation (colour, grayscale,
+   blur, solarize: `augment.device.finish_views`);
 3. the two together, as the trainer runs them: `--steps` steps, each fed
    the next pipeline batch (the pipeline prefetches on its own threads).
 img/s counts images (each with V views) per second. The pipeline keeps up

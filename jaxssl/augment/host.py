@@ -1,4 +1,15 @@
-"""Random-resized-crop samplers, resizing and the evaluation centre crop.
+"""The host half of every recipe (tf.data, TF ops): crop, resize, flip.
+
+`crop_view(image, seed, view_index=, out_size=, config_augment=)` takes the
+decoded ORIGINAL image (any size) and returns one view's random resized
+crop (every multi-crop size), flipped with p = 0.5; the colour, grayscale,
+blur and solarize steps run on the device, inside the jitted step
+(`jaxssl.augment.device`), as in deepmind byol. Every random choice here is
+stateless (`tf.random.stateless_*`) from an explicit seed of shape [2], so a
+view is a pure function of `(image, seed)`. `center_crop` is the
+evaluation crop.
+
+Crop samplers:
 
 The three official samplers draw a box from the same nominal law (area a
 fraction of the image in `area_range`, aspect ratio width / height in
@@ -22,15 +33,23 @@ References:
 
 import math
 
+import ml_collections
 import tensorflow as tf
 
-from jaxssl.augment import color
+from jaxssl.augment import recipes
 
-CROP_SAMPLERS = ('tf', 'byol', 'torchvision')
-RESIZE_METHODS = ('bicubic', 'bilinear')
 TORCHVISION_ATTEMPTS = 10
 CROP_PROPORTION = 0.875  # SimCLR's (and the standard ImageNet) eval crop.
 SMALL_IMAGE_SIDE = 32  # At or below this side, eval takes no centre crop.
+
+
+def num_channels(image: tf.Tensor) -> int:
+  """The static channel count C of an [H, W, C] image; must be 1 or 3."""
+  channels = image.shape[-1]
+  if image.shape.rank != 3 or channels not in (1, 3):
+    raise ValueError(f'image shape {image.shape} must be [H, W, C] with a '
+                     'static C of 1 or 3')
+  return channels
 
 
 def sample_crop_box(image_shape: tf.Tensor, seed: tf.Tensor, *,
@@ -190,11 +209,11 @@ def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, *, sampler: str,
   """
   if sampler not in _SAMPLERS:
     raise ValueError(f"unknown crop sampler '{sampler}'; known: "
-                     f'{", ".join(CROP_SAMPLERS)}')
-  if method not in RESIZE_METHODS:
+                     f'{", ".join(recipes.CROP_SAMPLERS)}')
+  if method not in recipes.RESIZE_METHODS:
     raise ValueError(f"unknown resize method '{method}'; known: "
-                     f'{", ".join(RESIZE_METHODS)}')
-  channels = color.num_channels(image)
+                     f'{", ".join(recipes.RESIZE_METHODS)}')
+  channels = num_channels(image)
   begin, size = _SAMPLERS[sampler](tf.shape(image), seed,
                                    area_range=area_range,
                                    aspect_range=aspect_range)
@@ -226,7 +245,7 @@ def center_crop(image: tf.Tensor, *, out_size: int,
   References:
     google-research/simclr `data_util.center_crop`, `data.get_preprocess_fn`.
   """
-  channels = color.num_channels(image)
+  channels = num_channels(image)
   if not 0.0 < crop_fraction <= 1.0:
     raise ValueError(f'crop_fraction={crop_fraction} must be in (0, 1]')
   image = tf.image.convert_image_dtype(image, tf.float32)
@@ -247,4 +266,54 @@ def center_crop(image: tf.Tensor, *, out_size: int,
   image = tf.image.resize(image, [out_size, out_size],
                           method=tf.image.ResizeMethod.BICUBIC)
   image = tf.clip_by_value(image, 0.0, 1.0)
+  return tf.ensure_shape(image, [out_size, out_size, channels])
+
+
+def crop_view(image: tf.Tensor, seed: tf.Tensor, *, view_index: int,
+              out_size: int,
+              config_augment: ml_collections.ConfigDict) -> tf.Tensor:
+  """The host half of one view: random resized crop of the original, flip.
+
+  The crop is drawn on the decoded original image (not a resized copy), with
+  the recipe's sampler and resize (`recipes.Laws`: PIL's antialiased resize
+  for the torchvision recipes; BYOL and PIL clip after the resize, SimCLR
+  does not, its colour steps clip later). The rest of the view is made on
+  the device by `jaxssl.augment.device.finish_views`.
+
+  Args:
+    image: uint8 or float [H, W, C] (C = 1 or 3, static), any H and W; a
+      float image must already be in [0, 1].
+    seed: int32 or int64 tensor [2]; the view is a pure function of it.
+    view_index: which view (`recipes.view_spec`); picks the crop area.
+    out_size: side of the square output: `dataset.image_size` for a global
+      view, `small_image_size` for a small one.
+    config_augment: `config.augment`.
+
+  Returns:
+    float32 [out_size, out_size, C], in [0, 1] up to the bicubic overshoot
+    of the SimCLR recipe.
+
+  References:
+    google-research/simclr `data_util.preprocess_for_train`;
+    deepmind-research `byol/utils/dataset.py`; torchvision
+    `RandomResizedCrop`, `RandomHorizontalFlip`.
+  """
+  c = config_augment
+  laws = recipes.get_laws(c.recipe)
+  spec = recipes.view_spec(c, view_index)
+  if spec.small and out_size != c.small_image_size:
+    raise ValueError(f'out_size={out_size} for small view {view_index}; '
+                     f'must be augment.small_image_size={c.small_image_size}')
+  channels = num_channels(image)
+  crop_seed, flip_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 2))
+  image = tf.image.convert_image_dtype(image, tf.float32)
+  image = random_resized_crop(
+      image, crop_seed, sampler=c.crop_sampler, area_range=spec.crop_area,
+      aspect_range=c.crop_aspect, out_size=out_size, method=c.resize_method,
+      antialias=laws.antialias)
+  if laws.clip_after_resize:
+    image = tf.clip_by_value(image, 0.0, 1.0)
+  if c.flip:
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   return tf.ensure_shape(image, [out_size, out_size, channels])
