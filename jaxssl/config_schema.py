@@ -11,8 +11,6 @@ import math
 
 import ml_collections
 
-from jaxssl import augment
-from jaxssl import augment_device
 from jaxssl import methods
 from jaxssl import models
 
@@ -140,6 +138,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   Raises:
     ValueError: one line naming the bad key, its value and what is allowed.
   """
+  # Imported here, not at the top: reading a config file (`defaults`) must
+  # not load TensorFlow, which the augmentation checks import.
+  from jaxssl import augment  # pylint: disable=g-import-not-at-top
+  from jaxssl import augment_device  # pylint: disable=g-import-not-at-top
   methods.get_method_class(config.method)  # unknown method -> ValueError
   _require(config.method in config,
            f'config has no section {config.method!r} for method='

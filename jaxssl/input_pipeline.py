@@ -56,6 +56,7 @@ class _Plan:
   shard_indices: tuple[int, ...]  # the global shard numbers this process reads
   shard_splits: tuple  # their tfds split specs
   shard_sizes: tuple[int, ...]
+  shard_offsets: tuple[int, ...]  # split position of each shard's first example
   cached: tuple | None  # decoded (images, labels) per shard, or None
   per_shard_batch_size: int
   steps_per_epoch: int
@@ -137,7 +138,9 @@ def _make_plan(config, process_index: int, process_count: int) -> _Plan:
                    for s in splits)
   return _Plan(builder=builder, image_key=image_key, label_key=label_key,
                shard_indices=indices, shard_splits=splits,
-               shard_sizes=tuple(sizes[i] for i in indices), cached=cached,
+               shard_sizes=tuple(sizes[i] for i in indices),
+               shard_offsets=tuple(sum(sizes[:i]) for i in indices),
+               cached=cached,
                per_shard_batch_size=per_shard_batch_size,
                steps_per_epoch=steps, config=config,
                view_fn=augment.get_recipe(config.augment.recipe))
@@ -167,7 +170,10 @@ def _load_decoded(builder, split, image_key, label_key):
 
 
 def _shard_stream(plan: _Plan, slot: int, start_step: int) -> tf.data.Dataset:
-  """Endless `(shard, epoch, position, image, label)` batches of b examples.
+  """Endless `(shard, epoch, position, image, label, index)` examples.
+
+  `index` is the example's position in the train split (int64), for
+  methods with per-example state (`Method.needs_example_index`).
 
   Images are still encoded (or decoded, from the cache); views are made
   after the shards are merged, so the augmentation is traced once.
@@ -180,6 +186,9 @@ def _shard_stream(plan: _Plan, slot: int, start_step: int) -> tf.data.Dataset:
                    plan.label_key, decode=False)
   else:
     source = tf.data.Dataset.from_tensor_slices(plan.cached[slot])
+  offset = plan.shard_offsets[slot]
+  source = source.enumerate().map(
+      _plain(lambda i, ex: (ex[0], ex[1], i + offset)))
   num_drop = size - steps * b
   first_epoch, skip_steps = divmod(start_step, steps)
 
@@ -206,7 +215,7 @@ def _shard_stream(plan: _Plan, slot: int, start_step: int) -> tf.data.Dataset:
                     tf.constant(0, tf.int64))
     return ds.skip(skip).map(_plain(
         lambda position, ex: (tf.constant(shard, tf.int64), epoch, position,
-                              ex[0], ex[1])))
+                              ex[0], ex[1], ex[2])))
 
   # Every epoch holds steps * b examples (minus the skip), so batches never
   # straddle two epochs.
@@ -275,16 +284,17 @@ def _train_dataset(plan: _Plan, start_step: int) -> tf.data.Dataset:
   num_total = num_global + cfg.augment.num_small_views
 
   @_plain
-  def make_views(shard, epoch, position, image, label):
+  def make_views(shard, epoch, position, image, label, index):
     if plan.cached is None:
       image = image_feature.decode_example(image)
     if _on_device(cfg):
       return {'image': device_image(image, cfg.dataset.image_size),
-              'label': tf.cast(label, tf.int32)}
+              'label': tf.cast(label, tf.int32),
+              'index': tf.cast(index, tf.int32)}
     example_seed = _fold(_shard_seed(cfg.seed, shard), epoch, 2, position)
     views = [view(image, _fold(example_seed, v), v) for v in range(num_total)]
     out = {'views': tf.stack(views[:num_global]),
-           'label': tf.cast(label, tf.int32)}
+           'label': tf.cast(label, tf.int32), 'index': tf.cast(index, tf.int32)}
     if num_total > num_global:
       out['small_views'] = tf.stack(views[num_global:])
     return out
@@ -329,7 +339,8 @@ def pretrain_batches(config: ml_collections.ConfigDict, *, start_step: int = 0,
     process_count: number of processes reading the data.
 
   Returns:
-    An iterator of `{'views': views, 'label': int32 [n_local]}`, per-process
+    An iterator of `{'views': views, 'label': int32 [n_local], 'index':
+    int32 [n_local]}` (`index`: each example's position in the split), per-process
     (local), n_local = global_batch_size // process_count. `views` is
     `(float32 [n_local, V, S, S, C],)` with V = augment.num_views and
     S = dataset.image_size, plus, when augment.num_small_views > 0, a second
@@ -356,7 +367,7 @@ def pretrain_batches(config: ml_collections.ConfigDict, *, start_step: int = 0,
       views = (batch['views'],)
       if 'small_views' in batch:
         views += (batch['small_views'],)
-      yield {'views': views, 'label': batch['label']}
+      yield {'views': views, 'label': batch['label'], 'index': batch['index']}
 
   return generate()
 

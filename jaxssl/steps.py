@@ -76,7 +76,8 @@ def device_views(batch: dict[str, Any], rng: jax.Array,
       batch['image'], jax.random.fold_in(rng, AUGMENT_STREAM),
       num_views=config.augment.num_views, out_size=config.dataset.image_size,
       config_augment=config.augment)
-  return {'views': (views,), 'label': batch['label']}
+  rest = {key: value for key, value in batch.items() if key != 'image'}
+  return dict(rest, views=(views,))
 
 
 def make_train_step(method: base.Method,
@@ -90,7 +91,8 @@ def make_train_step(method: base.Method,
     schedule: the learning-rate schedule, for the `learning_rate` metric.
 
   The per-step key is `fold_in(base_key, step)`, so a resumed run uses the
-  keys an uninterrupted run would. With `method.config.augment.on_device`
+  keys an uninterrupted run would. The method sees only the batch entries
+  it declares (`method.batch_keys()`). With `method.config.augment.on_device`
   the batch holds uint8 images and the views are made here, before the
   loss, from that key (`device_views`). Metrics are replicated float32
   scalars.
@@ -101,13 +103,15 @@ def make_train_step(method: base.Method,
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if on_device:
       batch = device_views(batch, rng, method.config)
+    batch = {key: batch[key] for key in method.batch_keys()}
 
     def loss_fn(params):
       return method.loss_fn(params, state.batch_stats, state.extra, batch,
                             rng, state.step)
 
-    (loss, (batch_stats, extra, metrics)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    batch_stats, extra, metrics = aux.batch_stats, aux.extra, aux.metrics
     grads = method.process_grads(grads, extra, state.step)
     updates, opt_state = optimizer.update(grads, state.opt_state,
                                           state.params)

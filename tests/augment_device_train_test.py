@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import restore_state, tiny_factory
+from helpers import restore_state, tiny_factory
 from etils import epath
 
 from jaxssl import config_schema

@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from conftest import load_config
+from helpers import load_config
 from jaxssl import config_schema
 
 CONFIGS = sorted(p.stem for p in

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from conftest import restore_state, tiny_factory
+from helpers import restore_state, tiny_factory
 from jaxssl import checkpoint
 from jaxssl import evaluate
 from jaxssl import input_pipeline
