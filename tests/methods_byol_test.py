@@ -13,7 +13,6 @@ from helpers import two_view_batch as _batch
 from helpers import (make_method, assert_exported_and_evaluated, load_config,
                       restore_state, resume_after_losing_the_newest,
                       tiny_factory)
-from jaxssl import input_pipeline
 from jaxssl import methods
 from jaxssl import train
 

@@ -15,11 +15,9 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from helpers import assert_close_8_vs_1 as _close
-from helpers import host as _host
 from helpers import run_steps_with_losses as _run_steps
 from helpers import make_method, load_config, restore_state, tiny_factory
 from jaxssl import evaluate
-from jaxssl import input_pipeline
 from jaxssl import parallel
 from jaxssl import train
 from jaxssl.methods import common
