@@ -105,8 +105,8 @@ def synthetic_batch(config, num_channels: int, mesh, seed: int = 0) -> dict:
   """A global batch shaped like `input_pipeline.pretrain_batches`' output.
 
   Returns:
-    `{'views': (float32 [B, V, S, S, C] in [0, 1),), 'label': int32 [B]}`,
-    B = global_batch_size, sharded over 'data'.
+    `{'views': (float32 [B, V, S, S, C] in [0, 1),), 'label': int32 [B],
+    'index': int32 [B]}`, B = global_batch_size, sharded over 'data'.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jaxssl import train  # pylint: disable=g-import-not-at-top
@@ -116,7 +116,8 @@ def synthetic_batch(config, num_channels: int, mesh, seed: int = 0) -> dict:
            num_channels)
   local = {'views': (rng.random(shape, np.float32),),
            'label': rng.integers(0, 10, config.global_batch_size,
-                                 dtype=np.int32)}
+                                 dtype=np.int32),
+           'index': np.arange(config.global_batch_size, dtype=np.int32)}
   return train.global_batch(local, mesh)
 
 
