@@ -264,7 +264,8 @@ def test_resume_after_losing_the_newest_checkpoint_is_exact(
   resume_after_losing_the_newest(config, resumed)
   a = restore_state(config, straight_run[0], 8)
   b = restore_state(config, resumed, 8)
-  assert set(b.extra) == {'target_params', 'target_batch_stats'}
+  assert set(b.extra) == {'target'}
+  assert set(b.extra['target']) == {'params', 'batch_stats'}
   jax.tree.map(np.testing.assert_array_equal, b, a)
 
 

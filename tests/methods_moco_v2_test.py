@@ -40,7 +40,8 @@ def _state(method, key_seed=7):
   """Init, with key params from another seed so that m matters."""
   params, batch_stats, extra = method.init(jax.random.key(0))
   other, _, _ = method.init(jax.random.key(key_seed))
-  return params, batch_stats, dict(extra, key_params=other)
+  return params, batch_stats, dict(
+      extra, target=dict(extra['target'], params=other))
 
 
 def _f64(tree):
@@ -325,8 +326,8 @@ def test_run_resumes_exactly_exports_and_evaluates(tiny, tmp_path):
   assert train.run(tiny(eval_after_training=False), resumed)['step'] == 8
   a, b = restore_state(tiny(), straight, 8), restore_state(tiny(), resumed, 8)
   jax.tree.map(np.testing.assert_array_equal, b, a)
-  assert set(a.extra) == {'key_params', 'key_batch_stats', 'queue',
-                          'queue_ptr'}
+  assert set(a.extra) == {'target', 'queue', 'queue_ptr'}
+  assert set(a.extra['target']) == {'params', 'batch_stats'}
   # The queue went round once: 8 steps of 32 keys in a queue of 128.
   assert int(a.extra['queue_ptr']) == 0
   enc, base = result['eval']['encoder'], result['eval']['random_init']

@@ -41,8 +41,8 @@ def _state(method, key_seed=7):
   """Init, with momentum params from another seed so that m matters."""
   params, batch_stats, extra = method.init(jax.random.key(0))
   other, _, _ = method.init(jax.random.key(key_seed))
-  return params, batch_stats, dict(
-      extra, key_params={k: other[k] for k in ('encoder', 'projector')})
+  return params, batch_stats, dict(extra, target=dict(
+      extra['target'], params={k: other[k] for k in ('encoder', 'projector')}))
 
 
 def _close_tree(actual, desired):
@@ -237,7 +237,8 @@ def test_run_resumes_exactly_exports_and_evaluates(tiny, tmp_path):
   assert train.run(tiny(eval_after_training=False), resumed)['step'] == 8
   a, b = restore_state(tiny(), straight, 8), restore_state(tiny(), resumed, 8)
   jax.tree.map(np.testing.assert_array_equal, b, a)
-  assert set(a.extra) == {'key_params', 'key_batch_stats'}
+  assert set(a.extra) == {'target'}
+  assert set(a.extra['target']) == {'params', 'batch_stats'}
   enc, base = result['eval']['encoder'], result['eval']['random_init']
   for r in (enc, base):
     assert 0.0 < r['top1'] <= r['top5'] <= 1.0

@@ -133,6 +133,12 @@ def test_run_exports_and_evaluates(tiny, tmp_path, capsys):
     assert r['num_test'] == 512 and r['num_train'] == 1024
   assert (epath.Path(workdir) / 'linear_eval.json').exists()
   assert list(epath.Path(workdir).glob('events.out.tfevents.*'))
+  # Every auto/0 sentinel is resolved once, printed and saved.
+  resolved = {'steps_per_epoch': 64, 'total_steps': 8,
+              'dataset.num_shards': 1, 'model.stem': 'cifar',
+              'num_devices': 8, 'head.hidden_dim': 32}
+  assert train.resolved_line(resolved) in out.splitlines()
+  assert checkpoint.read_training_meta(workdir, 8)[1]['resolved'] == resolved
   mesh = parallel.make_mesh()
   # The export and the training checkpoint hold the same encoder.
   spec_e, _, from_export = evaluate.load_encoder(workdir, mesh)
