@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxssl.methods.common import ema_update  # noqa: F401  (re-export)
 from jaxssl.schedules import ema_momentum_schedule  # noqa: F401  (re-export)
 from jaxssl.schedules import make_schedule  # noqa: F401  (re-export)
 from jaxssl.schedules import peak_learning_rate  # noqa: F401  (re-export)
@@ -273,29 +274,3 @@ def make_optimizer(optim_config,
   return optax.multi_transform({'scheduled': build(cfg, schedule, include),
                                 'fixed': build(cfg, fixed_lr, include)},
                                labels)
-
-
-def ema_update(target: PyTree, online: PyTree, tau) -> PyTree:
-  """Moves target parameters towards online ones: `tau * t + (1 - tau) * o`.
-
-  Args:
-    target: target (momentum-encoder) params, replicated.
-    online: online params with the same structure, replicated.
-    tau: EMA momentum, a float or a float32 scalar (possibly traced), e.g.
-      `ema_momentum_schedule(base, total_steps)(step)`.
-
-  Returns:
-    The new target pytree, computed in float32 and cast back to each target
-    leaf's dtype.
-
-  References:
-    Grill et al., Bootstrap Your Own Latent, 2020, eq. (1);
-    He et al., Momentum Contrast, 2020, eq. (2).
-  """
-  tau = jnp.asarray(tau, jnp.float32)
-
-  def mix(t, o):
-    blended = tau * t.astype(jnp.float32) + (1. - tau) * o.astype(jnp.float32)
-    return blended.astype(t.dtype)
-
-  return jax.tree.map(mix, target, online)

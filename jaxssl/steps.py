@@ -72,7 +72,9 @@ def make_train_step(method: base.Method,
   keys an uninterrupted run would. The batch's views are the host's crops;
   their colour, grayscale, blur and solarize steps run here, before the
   loss, keyed by `fold_in(step key, AUGMENT_STREAM)`
-  (`augment.device.finish_views`). Metrics are replicated float32 scalars.
+  (`augment.device.finish_views`). The method sees only the batch entries
+  it declares (`method.batch_keys()`). Metrics are replicated float32
+  scalars.
   """
 
   def train_step(state: TrainState, batch: dict[str, Any]):
@@ -80,13 +82,15 @@ def make_train_step(method: base.Method,
     batch = dict(batch, views=device.finish_views(
         batch['views'], jax.random.fold_in(rng, AUGMENT_STREAM),
         method.config.augment))
+    batch = {key: batch[key] for key in method.batch_keys()}
 
     def loss_fn(params):
       return method.loss_fn(params, state.batch_stats, state.extra, batch,
                             rng, state.step)
 
-    (loss, (batch_stats, extra, metrics)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    batch_stats, extra, metrics = aux.batch_stats, aux.extra, aux.metrics
     grads = method.process_grads(grads, extra, state.step)
     updates, opt_state = optimizer.update(grads, state.opt_state,
                                           state.params)

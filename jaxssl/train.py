@@ -20,6 +20,7 @@ from jaxssl import distributed
 from jaxssl import evaluate
 from jaxssl import input_pipeline
 from jaxssl import methods
+from jaxssl import models
 from jaxssl import optim
 from jaxssl import parallel
 from jaxssl import reporting
@@ -36,6 +37,7 @@ class Setup:
   total_steps: int
   init_fn: Any  # jitted () -> TrainState, replicated
   train_step: Any  # jitted (state, batch) -> (state, metrics), state donated
+  resolved: dict[str, Any]  # every 'auto'/0 sentinel's value in this run
 
 
 def total_train_steps(config: ml_collections.ConfigDict,
@@ -64,9 +66,12 @@ def setup(config: ml_collections.ConfigDict,
   steps_per_epoch = input_pipeline.steps_per_epoch(
       config, info.num_train_examples)
   total_steps = total_train_steps(config, steps_per_epoch)
-  method = methods.get_method_class(config.method)(
+  run_info = methods.RunInfo.for_config(
       config, mesh=mesh, num_channels=info.image_shape[-1],
-      steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+      steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+      num_classes=info.num_classes,
+      num_train_examples=info.num_train_examples)
+  method = methods.get_method_class(config.method)(config, run_info)
   schedule = optim.make_schedule(
       config.optim, global_batch_size=config.global_batch_size,
       steps_per_epoch=steps_per_epoch, total_steps=total_steps)
@@ -81,7 +86,43 @@ def setup(config: ml_collections.ConfigDict,
                        donate_argnames='state',
                        out_shardings=(replicated, replicated))
   return Setup(config, mesh, info, method, steps_per_epoch, total_steps,
-               init_fn, train_step)
+               init_fn, train_step, resolved_values(config, method, run_info))
+
+
+def resolved_values(config: ml_collections.ConfigDict, method: methods.Method,
+                    run_info: methods.RunInfo) -> dict[str, Any]:
+  """The value of every `auto`/0 sentinel in this run, `{'key': value}`.
+
+  Printed at start (`resolved: k=v, ...`) and saved in the checkpoint
+  metadata (`meta['resolved']`), so a run records the values it used.
+  The convolution implementation is added by whoever picks it (`conv`).
+  """
+  values = {
+      'steps_per_epoch': run_info.steps_per_epoch,
+      'total_steps': run_info.total_steps,
+      'dataset.num_shards': input_pipeline.num_shards(config,
+                                                      jax.process_count()),
+      'model.stem': _resolved_stem(config.model.stem, run_info.image_size),
+      'num_devices': run_info.num_devices,
+  }
+  if run_info.conv is not None:
+    values['conv'] = getattr(run_info.conv, '__name__', repr(run_info.conv))
+  values.update(method.resolved())
+  return values
+
+
+def _resolved_stem(stem: str, image_size: int) -> str:
+  """The stem `models.make_encoder` builds for `stem` ('auto' resolved)."""
+  if stem != 'auto':
+    return stem
+  return ('cifar' if image_size <= models.CIFAR_STEM_MAX_IMAGE_SIZE
+          else 'imagenet')
+
+
+def resolved_line(resolved: dict[str, Any]) -> str:
+  """`resolved: k=v, ...` in key order, the line printed at start."""
+  return 'resolved: ' + ', '.join(f'{k}={v}' for k, v in sorted(
+      resolved.items()))
 
 
 def _check_resumable(saved: dict, current: dict, directory) -> None:
@@ -164,6 +205,7 @@ def train(s: Setup, workdir: str):
           f'{s.mesh.devices.size} devices, {jax.process_count()} process(es); '
           f'{"resuming from step " + str(start) if start else "from scratch"}',
           flush=True)
+    print(resolved_line(s.resolved), flush=True)
   if start >= s.total_steps:
     return state
   batches = input_pipeline.pretrain_batches(
@@ -173,6 +215,7 @@ def train(s: Setup, workdir: str):
                                 global_batch_size=config.global_batch_size,
                                 start_step=start)
   meta = {'config': _jsonable(config.to_dict()),
+          'resolved': _jsonable(s.resolved),
           'encoder_spec': evaluate.encoder_spec(
               config, num_channels=s.info.image_shape[-1], step=0)}
   try:

@@ -9,7 +9,6 @@ from fixed keys (a correct rate fails with probability < 1e-5); uniform
 laws are checked by their range and mean.
 """
 
-import functools
 import math
 
 import jax

@@ -1,10 +1,13 @@
 """Every config declares every key, documents its command, and validates."""
 
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
-from conftest import load_config
+from helpers import load_config
 from jaxssl import config_schema
 
 CONFIGS = sorted(p.stem for p in
@@ -68,3 +71,21 @@ def test_bad_values_give_one_line_errors(overrides, match):
   with pytest.raises(ValueError, match=match) as info:
     config_schema.validate(load_config('simclr_tiny', **overrides))
   assert '\n' not in str(info.value)
+
+
+def test_loading_every_config_file_does_not_import_tensorflow():
+  # A fresh interpreter: this test process has imported TensorFlow already.
+  script = (
+      'import importlib.util, pathlib, sys\n'
+      'for path in sorted(pathlib.Path("configs").glob("*.py")):\n'
+      '  spec = importlib.util.spec_from_file_location(path.stem, path)\n'
+      '  module = importlib.util.module_from_spec(spec)\n'
+      '  spec.loader.exec_module(module)\n'
+      '  module.get_config()\n'
+      'print(sorted(m for m in sys.modules\n'
+      '             if m.split(".")[0] in ("tensorflow", "tensorflow_datasets")))\n')
+  repo = pathlib.Path(__file__).parent.parent
+  out = subprocess.run([sys.executable, '-c', script], cwd=repo, check=True,
+                       capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(repo))).stdout
+  assert out.strip() == '[]'

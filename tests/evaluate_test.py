@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import load_config
+from helpers import load_config
 from jaxssl import checkpoint
 from jaxssl import evaluate
 from jaxssl import parallel

@@ -7,7 +7,7 @@ import sys
 import pytest
 from etils import epath
 
-from conftest import load_config
+from helpers import load_config
 from jaxssl import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,25 +8,19 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import (assert_exported_and_evaluated, load_config,
+from helpers import run_steps_with_states as _run_steps
+from helpers import two_view_batch as _batch
+from helpers import (make_method, assert_exported_and_evaluated, load_config,
                       restore_state, resume_after_losing_the_newest,
                       tiny_factory)
-from jaxssl import input_pipeline
 from jaxssl import methods
 from jaxssl import train
 
 
 def _method(mesh, *, total_steps=8, **overrides):
   config = load_config('byol_tiny', **overrides)
-  return config, methods.get_method_class('byol')(
-      config, mesh=mesh, num_channels=1, steps_per_epoch=64,
-      total_steps=total_steps)
-
-
-def _batch(n, size, seed=0):
-  views = np.random.RandomState(seed).uniform(size=(n, 2, size, size, 1))
-  return {'views': (jnp.asarray(views, jnp.float32),),
-          'label': jnp.zeros((n,), jnp.int32)}
+  return config, make_method(config, mesh, steps_per_epoch=64,
+                             total_steps=total_steps)
 
 
 def _reference_byol_loss(p1, p2, t1, t2):
@@ -46,7 +40,7 @@ def test_loss_is_the_official_objective(mesh1):
   config, method = _method(mesh1)
   params, batch_stats, extra = method.init(jax.random.key(0))
   batch = _batch(16, config.dataset.image_size)
-  loss, (_, _, metrics) = jax.jit(method.loss_fn)(
+  loss, (_, _, metrics, _) = jax.jit(method.loss_fn)(
       params, batch_stats, extra, batch, jax.random.key(1), 0)
 
   @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -56,10 +50,10 @@ def test_loss_is_the_official_objective(mesh1):
                             mutable=['batch_stats'])[0]
 
   online = {'params': params, 'batch_stats': batch_stats}
-  target = {'params': extra['target_params'],
-            'batch_stats': extra['target_batch_stats']}
-  (_, p1), (_, p2) = apply(online, 0, True), apply(online, 1, True)
-  (t1, _), (t2, _) = apply(target, 0, False), apply(target, 1, False)
+  target = {'params': extra['target']['params'],
+            'batch_stats': extra['target']['batch_stats']}
+  (_, _, p1), (_, _, p2) = apply(online, 0, True), apply(online, 1, True)
+  (_, t1, _), (_, t2, _) = apply(target, 0, False), apply(target, 1, False)
   expected = _reference_byol_loss(p1, p2, t1, t2)
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   assert metrics['loss'] == loss
@@ -83,8 +77,8 @@ def test_gradients_reach_the_online_parameters_only(mesh1):
   assert all(np.any(g != 0) for g in jax.tree.leaves(
       online_grads['predictor']))
   # The target has no predictor; it starts from its own key.
-  assert set(extra['target_params']) == {'encoder', 'projector'}
-  assert not np.allclose(extra['target_params']['encoder']['conv1']['kernel'],
+  assert set(extra['target']['params']) == {'encoder', 'projector'}
+  assert not np.allclose(extra['target']['params']['encoder']['conv1']['kernel'],
                          params['encoder']['conv1']['kernel'])
 
 
@@ -108,12 +102,12 @@ def test_each_network_updates_its_own_bn_statistics_once_per_view(
   config, method = _method(mesh1)
   params, batch_stats, extra = method.init(jax.random.key(0))
   batch = _batch(8, config.dataset.image_size, seed=3)
-  _, (new_stats, new_extra, _) = jax.jit(method.loss_fn)(
+  _, (new_stats, new_extra, _, _) = jax.jit(method.loss_fn)(
       params, batch_stats, extra, batch, jax.random.key(1), 0)
-  own, other = params, extra['target_params']
+  own, other = params, extra['target']['params']
   got = new_stats
   if network == 'target':
-    own, other, got = other, own, new_extra['target_batch_stats']
+    own, other, got = other, own, new_extra['target']['batch_stats']
   got = got['encoder']['bn1']
   m = config.model.bn_momentum
 
@@ -173,27 +167,14 @@ def test_post_update_is_the_ema_with_tau_of_the_previous_count(
       rtol=1e-7)
   assert new_params is params
   jax.tree.map(functools.partial(_assert_float32_ema, tau=tau),
-               new_extra['target_params'], extra['target_params'],
+               new_extra['target']['params'], extra['target']['params'],
                {k: params[k] for k in ('encoder', 'projector')})
-  assert new_extra['target_batch_stats'] is extra['target_batch_stats']
+  assert new_extra['target']['batch_stats'] is extra['target']['batch_stats']
 
 
 @pytest.fixture(scope='module')
 def tiny(fashion_mnist_dir):
   return tiny_factory('byol_tiny', fashion_mnist_dir)
-
-
-def _run_steps(config, mesh, num_steps):
-  s = train.setup(config, mesh)
-  state = s.init_fn()
-  batches = input_pipeline.pretrain_batches(config, start_step=0)
-  history = []
-  for _ in range(num_steps):
-    old = jax.device_get(state)
-    state, metrics = s.train_step(state, train.global_batch(next(batches),
-                                                            mesh))
-    history.append((old, jax.device_get(state), jax.device_get(metrics)))
-  return s, history
 
 
 def test_target_after_a_step_is_the_ema_of_the_new_online_params(tiny, mesh8):
@@ -203,11 +184,11 @@ def test_target_after_a_step_is_the_ema_of_the_new_online_params(tiny, mesh8):
     assert metrics['tau'] == tau
     online = {name: new.params[name] for name in ('encoder', 'projector')}
     jax.tree.map(functools.partial(_assert_float32_ema, tau=tau),
-                 new.extra['target_params'], old.extra['target_params'],
+                 new.extra['target']['params'], old.extra['target']['params'],
                  online)
     moved = jax.tree.leaves(jax.tree.map(
-        lambda a, b: not np.array_equal(a, b), new.extra['target_params'],
-        old.extra['target_params']))
+        lambda a, b: not np.array_equal(a, b), new.extra['target']['params'],
+        old.extra['target']['params']))
     assert any(moved)
 
 
@@ -283,7 +264,8 @@ def test_resume_after_losing_the_newest_checkpoint_is_exact(
   resume_after_losing_the_newest(config, resumed)
   a = restore_state(config, straight_run[0], 8)
   b = restore_state(config, resumed, 8)
-  assert set(b.extra) == {'target_params', 'target_batch_stats'}
+  assert set(b.extra) == {'target'}
+  assert set(b.extra['target']) == {'params', 'batch_stats'}
   jax.tree.map(np.testing.assert_array_equal, b, a)
 
 

@@ -14,13 +14,13 @@ import pytest
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import load_config, restore_state, tiny_factory
+from helpers import assert_close_8_vs_1 as _close
+from helpers import run_steps_with_losses as _run_steps
+from helpers import make_method, load_config, restore_state, tiny_factory
 from jaxssl import evaluate
-from jaxssl import input_pipeline
 from jaxssl import parallel
 from jaxssl import train
-from jaxssl.methods import momentum
-from jaxssl.methods import moco_v2
+from jaxssl.methods import common
 
 GROUPS = 8  # moco_v2_tiny's bn_groups
 BATCH = 32  # moco_v2_tiny's global batch
@@ -28,8 +28,7 @@ BATCH = 32  # moco_v2_tiny's global batch
 
 def _method(mesh, **overrides):
   config = load_config('moco_v2_tiny', **overrides)
-  return config, moco_v2.MoCoV2(config, mesh=mesh, num_channels=1,
-                                steps_per_epoch=64, total_steps=8)
+  return config, make_method(config, mesh, steps_per_epoch=64, total_steps=8)
 
 
 def _views(n, size, seed=0):
@@ -41,7 +40,8 @@ def _state(method, key_seed=7):
   """Init, with key params from another seed so that m matters."""
   params, batch_stats, extra = method.init(jax.random.key(0))
   other, _, _ = method.init(jax.random.key(key_seed))
-  return params, batch_stats, dict(extra, key_params=other)
+  return params, batch_stats, dict(
+      extra, target=dict(extra['target'], params=other))
 
 
 def _f64(tree):
@@ -56,8 +56,8 @@ def _local_bn_forward(local, params, stats, x, groups):
   """One device at a time: each contiguous slice with its own (local) BN."""
   outs, new_stats = [], []
   for xg in np.split(np.asarray(x), groups):
-    out, s = momentum.forward(local.net, params, stats, jnp.asarray(xg))
-    outs.append(np.asarray(out))
+    out, s = common.forward(local.net, params, stats, jnp.asarray(xg))
+    outs.append(np.asarray(out.projection))
     new_stats.append(s)
   # jaxssl keeps the mean over devices of each device's running statistics.
   return np.concatenate(outs), jax.tree.map(
@@ -68,13 +68,13 @@ def _reference_step(method, local, params, batch_stats, extra, views, rng):
   """builder.py:MoCo.forward in float64 where it matters, per-GPU BN."""
   m = method.config.moco_v2.momentum
   key_params = jax.tree.map(lambda k, q: m * k + (1 - m) * q,
-                            _f64(extra['key_params']), _f64(params))
+                            _f64(extra['target']['params']), _f64(params))
   key_params32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
                               key_params)
   q, _ = _local_bn_forward(local, params, batch_stats, views[:, 0], GROUPS)
   perm = np.asarray(method.shuffle_permutation(rng, BATCH))
   k_shuffled, key_stats = _local_bn_forward(
-      local, key_params32, extra['key_batch_stats'],
+      local, key_params32, extra['target']['batch_stats'],
       np.asarray(views[:, 1])[perm], GROUPS)
   k = np.empty_like(k_shuffled)
   k[perm] = k_shuffled  # _batch_unshuffle_ddp
@@ -96,7 +96,7 @@ def test_step_matches_the_official_forward(mesh1, m):
   params, batch_stats, extra = _state(method)
   views = _views(BATCH, config.dataset.image_size, seed=1)
   rng = jax.random.key(3)
-  loss, (_, new_extra, metrics) = jax.jit(method.loss_fn)(
+  loss, (_, new_extra, metrics, _) = jax.jit(method.loss_fn)(
       params, batch_stats, extra, {'views': (views,)}, rng, 0)
   ref = _reference_step(method, local, params, batch_stats, extra, views, rng)
   np.testing.assert_allclose(loss, ref['loss'], rtol=1e-5)
@@ -107,11 +107,11 @@ def test_step_matches_the_official_forward(mesh1, m):
   # Momentum update on parameters: θk = m·θk + (1 − m)·θq.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
                                                        atol=1e-7),
-               new_extra['key_params'], ref['key_params'])
+               new_extra['target']['params'], ref['target']['params'])
   # The key network's BN statistics are its own, from the shuffled forward.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(
       a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()),
-               new_extra['key_batch_stats'], ref['key_stats'])
+               new_extra['target']['batch_stats'], ref['key_stats'])
   # Enqueue after the loss: this batch's keys at rows [0, 32), pointer 32.
   np.testing.assert_allclose(new_extra['queue'][:BATCH], ref['k'], rtol=1e-5,
                              atol=1e-5)
@@ -128,8 +128,8 @@ def test_queue_starts_as_unit_gaussian_rows(mesh1):
   np.testing.assert_allclose(np.linalg.norm(queue, axis=1), 1.0, rtol=1e-5)
   assert abs(queue.mean()) < 0.05 and int(extra['queue_ptr']) == 0
   # The key network starts as a copy of the query network.
-  jax.tree.map(np.testing.assert_array_equal, extra['key_params'], params)
-  jax.tree.map(np.testing.assert_array_equal, extra['key_batch_stats'],
+  jax.tree.map(np.testing.assert_array_equal, extra['target']['params'], params)
+  jax.tree.map(np.testing.assert_array_equal, extra['target']['batch_stats'],
                batch_stats)
 
 
@@ -141,8 +141,9 @@ def _official_keys_on_devices(local, mesh, key_params, key_stats, x, perm):
     x_all = jax.lax.all_gather(x_local, 'data', tiled=True)
     start = jax.lax.axis_index('data') * n
     mine = jax.lax.dynamic_slice_in_dim(perm, start, n)
-    k_local, stats = momentum.forward(local.net, key_params, key_stats,
-                                      x_all[mine])
+    k_local, stats = common.forward(local.net, key_params, key_stats,
+                                    x_all[mine])
+    k_local = k_local.projection
     k_all = jax.lax.all_gather(k_local, 'data', tiled=True)
     k_all = k_all[jnp.argsort(perm)]
     return (jax.lax.dynamic_slice_in_dim(k_all, start, n),
@@ -270,29 +271,6 @@ def tiny(fashion_mnist_dir):
   return tiny_factory('moco_v2_tiny', fashion_mnist_dir)
 
 
-def _host(tree):
-  return jax.tree.map(np.asarray, jax.device_get(tree))
-
-
-def _run_steps(config, mesh, num_steps, on_step=None):
-  s = train.setup(config, mesh)
-  state = s.init_fn()
-  batches = input_pipeline.pretrain_batches(config, start_step=0)
-  history = []
-  for _ in range(num_steps):
-    batch = train.global_batch(next(batches), mesh)
-    before = _host(state) if on_step else None
-    state, metrics = s.train_step(state, batch)
-    if on_step:
-      on_step(s, before, batch, state)
-    history.append((float(metrics['loss']), _host(state)))
-  return history
-
-
-def _close(a, b):
-  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
-
-
 def test_eight_devices_equal_one_device_with_queue_and_key_state(
     tiny, mesh1, mesh8):
   config = tiny()
@@ -320,9 +298,9 @@ def test_queue_is_replicated_and_wraps(tiny, mesh8):
     # This step's keys, recomputed outside the step, at the old pointer.
     rng = jax.random.fold_in(jax.random.wrap_key_data(before.rng),
                              before.step)
-    key_params = momentum.momentum_update(
-        before.extra['key_params'], before.params, config.moco_v2.momentum)
-    k, _ = jax.jit(s.method.keys)(key_params, before.extra['key_batch_stats'],
+    key_params = common.ema_update(
+        before.extra['target']['params'], before.params, config.moco_v2.momentum)
+    k, _ = jax.jit(s.method.keys)(key_params, before.extra['target']['batch_stats'],
                                   batch['views'][0][:, 1], rng)
     ptr = int(before.extra['queue_ptr'])
     rows = slice(ptr, ptr + BATCH)
@@ -348,8 +326,8 @@ def test_run_resumes_exactly_exports_and_evaluates(tiny, tmp_path):
   assert train.run(tiny(eval_after_training=False), resumed)['step'] == 8
   a, b = restore_state(tiny(), straight, 8), restore_state(tiny(), resumed, 8)
   jax.tree.map(np.testing.assert_array_equal, b, a)
-  assert set(a.extra) == {'key_params', 'key_batch_stats', 'queue',
-                          'queue_ptr'}
+  assert set(a.extra) == {'target', 'queue', 'queue_ptr'}
+  assert set(a.extra['target']) == {'params', 'batch_stats'}
   # The queue went round once: 8 steps of 32 keys in a queue of 128.
   assert int(a.extra['queue_ptr']) == 0
   enc, base = result['eval']['encoder'], result['eval']['random_init']

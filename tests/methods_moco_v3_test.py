@@ -14,13 +14,13 @@ import pytest
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import load_config, restore_state, tiny_factory
+from helpers import assert_close_8_vs_1 as _close
+from helpers import run_steps_with_losses as _run_steps
+from helpers import make_method, load_config, restore_state, tiny_factory
 from jaxssl import evaluate
 from jaxssl import parallel
 from jaxssl import train
-from jaxssl.methods import momentum
-from jaxssl.methods import moco_v3
-from methods_moco_v2_test import _close, _run_steps
+from jaxssl.methods import common
 
 BATCH = 32  # moco_v3_tiny's global batch
 TOTAL_STEPS = 40
@@ -28,8 +28,8 @@ TOTAL_STEPS = 40
 
 def _method(mesh, **overrides):
   config = load_config('moco_v3_tiny', **overrides)
-  return config, moco_v3.MoCoV3(config, mesh=mesh, num_channels=1,
-                                steps_per_epoch=10, total_steps=TOTAL_STEPS)
+  return config, make_method(config, mesh, steps_per_epoch=10,
+                             total_steps=TOTAL_STEPS)
 
 
 def _views(n, size, seed=0):
@@ -41,8 +41,8 @@ def _state(method, key_seed=7):
   """Init, with momentum params from another seed so that m matters."""
   params, batch_stats, extra = method.init(jax.random.key(0))
   other, _, _ = method.init(jax.random.key(key_seed))
-  return params, batch_stats, dict(
-      extra, key_params={k: other[k] for k in ('encoder', 'projector')})
+  return params, batch_stats, dict(extra, target=dict(
+      extra['target'], params={k: other[k] for k in ('encoder', 'projector')}))
 
 
 def _close_tree(actual, desired):
@@ -86,34 +86,36 @@ def test_step_matches_the_official_forward(mesh1, step, tau):
   config, method = _method(mesh1, **{'moco_v3.temperature': tau})
   params, batch_stats, extra = _state(method)
   views = _views(BATCH, config.dataset.image_size, seed=1)
-  loss, (new_stats, new_extra, metrics) = jax.jit(method.loss_fn)(
+  loss, (new_stats, new_extra, metrics, _) = jax.jit(method.loss_fn)(
       params, batch_stats, extra, {'views': (views,)}, jax.random.key(3),
       step)
   m = _reference_momentum(config.moco_v3.base_momentum, step, TOTAL_STEPS)
   np.testing.assert_allclose(metrics['momentum'], m, rtol=1e-6)
   # θk = m·θk + (1 − m)·θq over encoder and projector, not the predictor.
   key_params = jax.tree.map(lambda k, q: m * k + (1 - m) * q,
-                            _f64(extra['key_params']),
-                            _f64(momentum.key_part(params)))
+                            _f64(extra['target']['params']),
+                            _f64(method.ema.select(params)))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
                                                        atol=1e-7),
-               new_extra['key_params'], key_params)
+               new_extra['target']['params'], key_params)
   # Each view is its own forward (per-view BN); keys from the updated
   # momentum network, its own BN statistics chained view 1 then view 2.
   key_params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), key_params)
-  q1, s = momentum.forward(method.net, params, batch_stats, views[:, 0],
-                           predict=True)
-  q2, s = momentum.forward(method.net, params, s, views[:, 1], predict=True)
-  k1, ks = momentum.forward(method.key_net, key_params,
-                            extra['key_batch_stats'], views[:, 0])
-  k2, ks = momentum.forward(method.key_net, key_params, ks, views[:, 1])
+  q1, s = common.forward(method.net, params, batch_stats, views[:, 0],
+                         predict=True)
+  q2, s = common.forward(method.net, params, s, views[:, 1], predict=True)
+  k1, ks = common.forward(method.net, key_params,
+                          extra['target']['batch_stats'], views[:, 0])
+  k2, ks = common.forward(method.net, key_params, ks, views[:, 1])
+  q1, q2 = q1.prediction, q2.prediction
+  k1, k2 = k1.projection, k2.projection
   expected = _reference_ctr(q1, k2, tau) + _reference_ctr(q2, k1, tau)
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   # The predictor's first BN mean is exactly zero (a bias-free Linear of
   # the projector's affine-free BN output), so it holds rounding noise only:
   # tolerance from the whole tree (see _close_tree).
   _close_tree(new_stats, s)
-  _close_tree(new_extra['key_batch_stats'], ks)
+  _close_tree(new_extra['target']['batch_stats'], ks)
   sims = _unit(np.asarray(q1, np.float64)) @ _unit(
       np.asarray(k2, np.float64)).T
   np.testing.assert_allclose(metrics['contrast_acc'],
@@ -144,8 +146,8 @@ def test_views_do_not_share_batchnorm_statistics(mesh1):
   other[:, 1] = np.random.RandomState(5).uniform(size=other[:, 1].shape)
 
   def q1_of(v):
-    return momentum.forward(method.net, params, batch_stats,
-                            jnp.asarray(v[:, 0]), predict=True)[0]
+    return common.forward(method.net, params, batch_stats,
+                          jnp.asarray(v[:, 0]), predict=True)[0].prediction
 
   # Changing every second view leaves the first view's predictions alone.
   np.testing.assert_array_equal(q1_of(other), q1_of(views))
@@ -176,9 +178,9 @@ def test_heads_follow_the_resnet_recipe(mesh1):
       'dense_1': {'kernel': (pred_hidden, out)}}
   assert set(batch_stats['predictor']) == {'bn_0'}
   # The momentum network copies encoder and projector only.
-  assert set(extra['key_params']) == {'encoder', 'projector'}
-  jax.tree.map(np.testing.assert_array_equal, extra['key_params'],
-               momentum.key_part(params))
+  assert set(extra['target']['params']) == {'encoder', 'projector'}
+  jax.tree.map(np.testing.assert_array_equal, extra['target']['params'],
+               method.ema.select(params))
 
 
 def test_gradients_on_8_devices_equal_1_device(mesh1, mesh8):
@@ -218,12 +220,12 @@ def test_eight_devices_equal_one_device_with_momentum_state(tiny, mesh1,
   for (loss1, state1), (loss8, state8) in zip(run1, run8):
     np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
     jax.tree.map(_close, state8.params, state1.params)
-    jax.tree.map(_close, state8.extra['key_params'],
-                 state1.extra['key_params'])
+    jax.tree.map(_close, state8.extra['target']['params'],
+                 state1.extra['target']['params'])
     # BN statistics include the exactly-zero predictor mean: whole-tree atol.
     _close_tree(state8.batch_stats, state1.batch_stats)
-    _close_tree(state8.extra['key_batch_stats'],
-                state1.extra['key_batch_stats'])
+    _close_tree(state8.extra['target']['batch_stats'],
+                state1.extra['target']['batch_stats'])
 
 
 def test_run_resumes_exactly_exports_and_evaluates(tiny, tmp_path):
@@ -235,7 +237,8 @@ def test_run_resumes_exactly_exports_and_evaluates(tiny, tmp_path):
   assert train.run(tiny(eval_after_training=False), resumed)['step'] == 8
   a, b = restore_state(tiny(), straight, 8), restore_state(tiny(), resumed, 8)
   jax.tree.map(np.testing.assert_array_equal, b, a)
-  assert set(a.extra) == {'key_params', 'key_batch_stats'}
+  assert set(a.extra) == {'target'}
+  assert set(a.extra['target']) == {'params', 'batch_stats'}
   enc, base = result['eval']['encoder'], result['eval']['random_init']
   for r in (enc, base):
     assert 0.0 < r['top1'] <= r['top5'] <= 1.0

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import load_config
+from helpers import make_method, load_config
 from jaxssl import methods
-from jaxssl.methods import simclr
+from jaxssl.methods import common
 
 
 def _reference_official_loss(z1, z2, temperature):
@@ -37,8 +37,7 @@ def _reference_official_loss(z1, z2, temperature):
 
 def _method(mesh, **overrides):
   config = load_config('simclr_tiny', **overrides)
-  return config, methods.get_method_class('simclr')(
-      config, mesh=mesh, num_channels=1, steps_per_epoch=64, total_steps=8)
+  return config, make_method(config, mesh, steps_per_epoch=64, total_steps=8)
 
 
 def _batch(n, size, seed=0):
@@ -51,7 +50,7 @@ def test_loss_is_the_official_objective(mesh1):
   config, method = _method(mesh1)
   params, batch_stats, extra = method.init(jax.random.key(0))
   batch = _batch(16, config.dataset.image_size)
-  loss, (_, _, metrics) = method.loss_fn(params, batch_stats, extra, batch,
+  loss, (_, _, metrics, _) = method.loss_fn(params, batch_stats, extra, batch,
                                          jax.random.key(1), 0)
   x = batch['views'][0].reshape((32,) + batch['views'][0].shape[2:])
   _, z = method.net.apply({'params': params, 'batch_stats': batch_stats}, x,
@@ -69,7 +68,7 @@ def test_batchnorm_statistics_cover_both_views_together(mesh1):
   config, method = _method(mesh1)
   params, batch_stats, extra = method.init(jax.random.key(0))
   batch = _batch(8, config.dataset.image_size, seed=3)
-  _, (new_stats, _, _) = method.loss_fn(params, batch_stats, extra, batch,
+  _, (new_stats, _, _, _) = method.loss_fn(params, batch_stats, extra, batch,
                                         jax.random.key(1), 0)
 
   def stats_after(views):
@@ -124,8 +123,8 @@ def test_validate_config(overrides, match):
 def test_embedding_std_detects_collapse():
   spread = jax.random.normal(jax.random.key(0), (512, 16))
   collapsed = jnp.ones((512, 16))
-  np.testing.assert_allclose(simclr.embedding_std(spread), 1 / 4, rtol=0.1)
-  assert simclr.embedding_std(collapsed) < 1e-6
+  np.testing.assert_allclose(common.embedding_std(spread), 1 / 4, rtol=0.1)
+  assert common.embedding_std(collapsed) < 1e-6
 
 
 def test_encoder_convs_follow_the_device_count_of_this_process(

@@ -7,18 +7,18 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import (assert_exported_and_evaluated, load_config,
+from helpers import run_steps_with_states as _run_steps
+from helpers import two_view_batch as _batch
+from helpers import (make_method, assert_exported_and_evaluated, load_config,
                       restore_state, resume_after_losing_the_newest,
                       tiny_factory)
 from jaxssl import methods
 from jaxssl import train
-from methods_byol_test import _batch, _run_steps
 
 
 def _method(mesh, **overrides):
   config = load_config('simsiam_tiny', **overrides)
-  return config, methods.get_method_class('simsiam')(
-      config, mesh=mesh, num_channels=1, steps_per_epoch=64, total_steps=8)
+  return config, make_method(config, mesh, steps_per_epoch=64, total_steps=8)
 
 
 def _reference_simsiam_loss(p1, p2, z1, z2):
@@ -38,8 +38,9 @@ def _reference_simsiam_loss(p1, p2, z1, z2):
 def _forward(method, params, batch_stats, view):
   """`(z, p)` of one view in training mode, as the official `f(x)`."""
   variables = {'params': params, 'batch_stats': batch_stats}
-  return method.net.apply(variables, view, train=True, predict=True,
-                          mutable=['batch_stats'])[0]
+  out = method.net.apply(variables, view, train=True, predict=True,
+                         mutable=['batch_stats'])[0]
+  return out.projection, out.prediction
 
 
 def test_loss_is_the_official_objective(mesh1):
@@ -47,7 +48,7 @@ def test_loss_is_the_official_objective(mesh1):
   params, batch_stats, extra = method.init(jax.random.key(0))
   assert extra == {}
   batch = _batch(16, config.dataset.image_size, seed=1)
-  loss, (_, new_extra, metrics) = jax.jit(method.loss_fn)(
+  loss, (_, new_extra, metrics, _) = jax.jit(method.loss_fn)(
       params, batch_stats, extra, batch, jax.random.key(1), 0)
   forward = jax.jit(functools.partial(_forward, method))
   z1, p1 = forward(params, batch_stats, batch['views'][0][:, 0])

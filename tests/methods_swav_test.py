@@ -13,14 +13,15 @@ import pytest
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import load_config, restore_state, tiny_factory
+from helpers import make_method, load_config, restore_state, tiny_factory
 from jaxssl import input_pipeline
+from jaxssl import methods
 from jaxssl import models
 from jaxssl import optim
 from jaxssl import parallel
 from jaxssl import steps
 from jaxssl import train
-from jaxssl.methods import swav
+from jaxssl.methods import common
 
 GLOBAL_ONLY = ((2, 16),)
 MULTI_CROP = ((2, 16), (4, 8))  # (crops, side) per resolution group
@@ -63,9 +64,8 @@ def _reference_loss(scores, crops_for_assign, temperature, epsilon, num_iters,
 
 def _method(mesh, *, steps_per_epoch=64, **overrides):
   config = load_config('swav_tiny', **overrides)
-  return config, swav.SwAV(config, mesh=mesh, num_channels=1,
-                           steps_per_epoch=steps_per_epoch,
-                           total_steps=config.num_train_steps)
+  return config, make_method(config, mesh, steps_per_epoch=steps_per_epoch,
+                             total_steps=config.num_train_steps)
 
 
 def _batch(n, groups=MULTI_CROP, seed=0, mesh=None):
@@ -110,7 +110,7 @@ def test_loss_is_the_official_computation(mesh1, groups, queue,
     extra = {'queue': jnp.asarray(_unit_rows((len(crops_for_assign), 64, 16),
                                              2), jnp.float32),
              'queue_rows': jnp.asarray(queue_rows, jnp.int32)}
-  loss, (_, _, metrics) = jax.jit(method.loss_fn)(
+  loss, (_, _, metrics, _) = jax.jit(method.loss_fn)(
       params, batch_stats, extra, batch, jax.random.key(1), 0)
   z, scores = _forward(method, params, batch_stats, batch)
   np.testing.assert_allclose(np.linalg.norm(z, axis=-1), 1.0, rtol=1e-6)
@@ -223,9 +223,8 @@ def _assert_trees_close(actual, expected):
 
 def _stepper(config, mesh, steps_per_epoch=64):
   """`train.setup` without the dataset: (method, init_fn, train_step)."""
-  method = swav.SwAV(config, mesh=mesh, num_channels=1,
-                     steps_per_epoch=steps_per_epoch,
-                     total_steps=config.num_train_steps)
+  method = make_method(config, mesh, steps_per_epoch=steps_per_epoch,
+                       total_steps=config.num_train_steps)
   schedule = optim.make_schedule(
       config.optim, global_batch_size=config.global_batch_size,
       steps_per_epoch=steps_per_epoch, total_steps=config.num_train_steps)
@@ -291,7 +290,7 @@ def test_queue_starts_shifts_and_is_used_only_when_full(mesh8):
   in_use = []
   for step in range(6):
     batch = _batch(32, MULTI_CROP, seed=20 + step, mesh=mesh8)
-    _, (_, new_extra, metrics) = loss_fn(params, batch_stats, extra, batch,
+    _, (_, new_extra, metrics, _) = loss_fn(params, batch_stats, extra, batch,
                                          jax.random.key(1), step)
     in_use.append(float(metrics['queue_in_use']))
     if step >= 2:
@@ -315,7 +314,7 @@ def test_code_metrics_detect_collapse(spread):
     codes = jnp.tile(jnp.eye(k), (4, 1)) * 0.9 + 0.1 / k
   else:
     codes = jnp.full((32, k), 1.0 / k).at[:, 3].add(1e-3)
-  m = swav.code_metrics(codes)
+  m = common.assignment_metrics(codes)
   if spread:
     np.testing.assert_allclose(m['prototype_usage_entropy'], np.log(k),
                                rtol=1e-6)
@@ -339,7 +338,7 @@ def test_code_metrics_detect_collapse(spread):
 ])
 def test_validate_config(overrides, match):
   with pytest.raises(ValueError, match=match) as info:
-    swav.SwAV.validate_config(load_config('swav_tiny', **overrides))
+    methods.get_method_class('swav').validate_config(load_config('swav_tiny', **overrides))
   assert '\n' not in str(info.value)
 
 

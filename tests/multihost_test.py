@@ -25,7 +25,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import load_config
+from helpers import load_config
 from jaxssl import checkpoint
 from jaxssl import datasets
 from jaxssl import distributed

@@ -1,21 +1,24 @@
-"""Registry of pretraining methods.
+"""Registry of pretraining methods: a plain dict of classes.
 
-Each entry names the module and class that implement the method; the module
-is imported when the method is chosen, so a method's extra dependencies load
-only for runs that use it.
+Each method module imports only `jaxssl.methods.base`/`common`,
+`jaxssl.losses` and `jaxssl.models` (docs/adding-a-method.md).
 """
 
-import importlib
+from jaxssl.methods import byol
+from jaxssl.methods import moco_v2
+from jaxssl.methods import moco_v3
+from jaxssl.methods import simclr
+from jaxssl.methods import simsiam
+from jaxssl.methods import swav
+from jaxssl.methods.base import Aux, Method, RunInfo  # noqa: F401
 
-from jaxssl.methods.base import Method
-
-METHODS: dict[str, str] = {
-    'simclr': 'jaxssl.methods.simclr:SimCLR',
-    'byol': 'jaxssl.methods.byol:BYOL',
-    'simsiam': 'jaxssl.methods.simsiam:SimSiam',
-    'moco_v2': 'jaxssl.methods.moco_v2:MoCoV2',
-    'moco_v3': 'jaxssl.methods.moco_v3:MoCoV3',
-    'swav': 'jaxssl.methods.swav:SwAV',
+METHODS: dict[str, type[Method]] = {
+    'simclr': simclr.SimCLR,
+    'byol': byol.BYOL,
+    'simsiam': simsiam.SimSiam,
+    'moco_v2': moco_v2.MoCoV2,
+    'moco_v3': moco_v3.MoCoV3,
+    'swav': swav.SwAV,
 }
 
 
@@ -28,5 +31,4 @@ def get_method_class(name: str) -> type[Method]:
   if name not in METHODS:
     raise ValueError(
         f'unknown method {name!r}; known: {", ".join(sorted(METHODS))}')
-  module, cls = METHODS[name].split(':')
-  return getattr(importlib.import_module(module), cls)
+  return METHODS[name]

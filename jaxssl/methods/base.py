@@ -1,14 +1,22 @@
 """The method interface: what a self-supervised method plugs into the trainer.
 
 A method owns its networks, its extra state (EMA targets, queues,
-prototypes), its loss and its post-update rule. `jaxssl.steps` wires a method
-to an optax optimizer in one pure step function; `jaxssl.train` runs it. All
-of a method's state lives in the one `TrainState` pytree, so checkpoints and
-exact resume cover it.
+prototypes, per-example tables), its loss and its post-update rule.
+`jaxssl.steps` wires a method to an optax optimizer in one pure step
+function; `jaxssl.train` runs it. All of a method's state lives in the one
+`TrainState` pytree, so checkpoints and exact resume cover it.
+
+What the trainer gives a method is one `RunInfo`; what the step passes it is
+the batch entries named by `batch_keys()`: `views` always, `label` for a
+method with `needs_labels`, `index` (each example's position in the train
+split) for one with `needs_example_index`, so per-example state (a memory
+bank, cluster assignments) is a `[num_train_examples, ...]` array in
+`extra` indexed by `batch['index']`.
 """
 
 import abc
-from typing import Any
+import dataclasses
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -16,57 +24,121 @@ import ml_collections
 from jax.sharding import Mesh
 
 from jaxssl import models
+from jaxssl.methods import common
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
 
 
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+  """The run facts a method is built from, resolved by the trainer.
+
+  Attributes:
+    mesh: the training mesh; loss islands run over its `'data'` axis.
+    global_batch_size: images per view per step, all processes together.
+    image_size: side of the (global) views.
+    num_channels: channels of the input images (1 or 3).
+    num_classes: label classes of the dataset (for label-using methods).
+    num_train_examples: size of the train split (per-example tables).
+    steps_per_epoch: optimizer steps per epoch (schedules in epochs).
+    total_steps: optimizer steps of the whole run.
+    conv: None, or a flax-style convolution factory picked once outside
+      the model (the backend hook; None = the encoder's default).
+  """
+  mesh: Mesh
+  global_batch_size: int
+  image_size: int
+  num_channels: int
+  num_classes: int
+  num_train_examples: int
+  steps_per_epoch: int
+  total_steps: int
+  conv: Callable | None = None
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.devices.size
+
+  @classmethod
+  def for_config(cls, config: ml_collections.ConfigDict, *, mesh: Mesh,
+                 num_channels: int, steps_per_epoch: int, total_steps: int,
+                 num_classes: int = 0, num_train_examples: int = 0,
+                 conv: Callable | None = None) -> 'RunInfo':
+    """A RunInfo taking the batch and image size from `config`."""
+    return cls(mesh=mesh, global_batch_size=config.global_batch_size,
+               image_size=config.dataset.image_size,
+               num_channels=num_channels, num_classes=num_classes,
+               num_train_examples=num_train_examples,
+               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+               conv=conv)
+
+
+class Aux(NamedTuple):
+  """What `loss_fn` returns beside the loss.
+
+  Attributes:
+    batch_stats: the new BatchNorm statistics.
+    extra: the new extra state.
+    metrics: replicated float32 scalars.
+    features: None, or `[global_batch, feature_dim]` encoder features of
+      the first view (for online probes of later methods).
+  """
+  batch_stats: PyTree
+  extra: PyTree
+  metrics: Metrics
+  features: jax.Array | None = None
+
+
 class Method(abc.ABC):
   """Base class of the pretraining methods registered in `METHODS`.
 
-  Subclasses set `name` and implement `default_config`, `build_networks`,
-  `init` and `loss_fn`; the defaults of `process_grads` and `post_update` do
-  nothing.
+  Subclasses set `name` and implement `default_config`, `encoder`, `init`
+  and `compute_loss`. A method with an EMA target sets `self.ema` (a
+  `common.EmaTarget`) in `__init__` and keeps the target state in
+  `extra['target']`; the base class moves it at the official timing:
+  `loss_fn` before the forward, `post_update` after the optimizer update.
   """
 
   name: str = ''
+  needs_labels: bool = False
+  needs_example_index: bool = False
 
-  def __init__(self, config: ml_collections.ConfigDict, *, mesh: Mesh,
-               num_channels: int, steps_per_epoch: int, total_steps: int):
-    """Builds the method's networks.
-
-    Args:
-      config: the full, validated run config.
-      mesh: the training mesh; loss islands run `jax.shard_map` over its
-        `'data'` axis.
-      num_channels: channels of the input images (1 or 3).
-      steps_per_epoch: optimizer steps per epoch of the train split (for
-        schedules stated in epochs: EMA momentum, queue start, freezing).
-      total_steps: optimizer steps of the whole run.
-    """
+  def __init__(self, config: ml_collections.ConfigDict, run: RunInfo):
+    """Builds the method's networks from the run config and `run`."""
     self.config = config
-    self.mesh = mesh
-    self.num_channels = num_channels
-    self.image_size = config.dataset.image_size
-    self.steps_per_epoch = steps_per_epoch
-    self.total_steps = total_steps
+    self.run = run
+    self.mesh = run.mesh
+    self.num_channels = run.num_channels
+    self.image_size = run.image_size
+    self.steps_per_epoch = run.steps_per_epoch
+    self.total_steps = run.total_steps
+    self.ema: common.EmaTarget | None = None
+
+  @classmethod
+  def batch_keys(cls) -> tuple[str, ...]:
+    """The batch entries the step passes to `loss_fn`."""
+    return (('views',) + (('label',) if cls.needs_labels else ())
+            + (('index',) if cls.needs_example_index else ()))
 
   def make_encoder(self, *, bn_groups: int = 1):
-    """`models.make_encoder` for this run's images.
-
-    The process's device count, not the mesh's, picks the convolution of
-    `conv_impl='auto'` (`make_encoder`'s default): simulated devices share
-    the cores whichever of them the mesh uses, and a 1-device twin of an
-    8-device run then computes with the same convolution.
-    """
+    """`models.make_encoder` for this run's images."""
     return models.make_encoder(self.config.model, image_size=self.image_size,
                                bn_groups=bn_groups)
+
+  def head_hidden_dim(self) -> int:
+    """`head.hidden_dim`, or the encoder's feature dimension if 0."""
+    return (self.config.head.hidden_dim
+            or models.feature_dim(self.config.model))
+
+  def resolved(self) -> dict[str, Any]:
+    """The config sentinels this method resolved, `{'key': value}`."""
+    return {'head.hidden_dim': self.head_hidden_dim()}
 
   @property
   def fixed_lr_mask(self):
     """None, or `params -> bool pytree` of the leaves the optimizer keeps
-    at the peak learning rate instead of the schedule (SimSiam's
-    `--fix-pred-lr`); see `optim.make_optimizer`."""
+    at the peak learning rate (SimSiam's `--fix-pred-lr`)."""
     return None
 
   @classmethod
@@ -85,32 +157,39 @@ class Method(abc.ABC):
 
   @abc.abstractmethod
   def init(self, rng: jax.Array) -> tuple[PyTree, PyTree, PyTree]:
-    """Returns `(params, batch_stats, extra)` at step 0.
-
-    Args:
-      rng: a typed PRNG key, identical on every process.
-    """
+    """Returns `(params, batch_stats, extra)` at step 0 from a typed key
+    identical on every process."""
 
   @abc.abstractmethod
+  def compute_loss(self, params: PyTree, batch_stats: PyTree, extra: PyTree,
+                   batch: dict[str, Any], rng: jax.Array, step: jax.Array
+                   ) -> tuple[jax.Array, Aux]:
+    """The method's loss in the global view (see `loss_fn`); an EMA target
+    in `extra['target']` has already moved if its timing is
+    'before_forward'."""
+
   def loss_fn(self, params: PyTree, batch_stats: PyTree, extra: PyTree,
               batch: dict[str, Any], rng: jax.Array, step: jax.Array
-              ) -> tuple[jax.Array, tuple[PyTree, PyTree, Metrics]]:
-    """Computes the loss in the global view.
+              ) -> tuple[jax.Array, Aux]:
+    """Moves a 'before_forward' EMA target, then `compute_loss`.
 
     Args:
       params: trainable parameters (differentiated).
       batch_stats: BatchNorm statistics.
       extra: the method's extra state.
-      batch: the global batch, sharded over `'data'`: `views` is a tuple of
-        `[global_batch, V, H, W, C]` arrays (one per crop resolution),
-        `label` is `[global_batch]`.
+      batch: the global batch, sharded over `'data'`, with `batch_keys()`:
+        `views` a tuple of `[global_batch, V, H, W, C]` arrays (one per
+        crop resolution), `label` and `index` `[global_batch]` int32.
       rng: this step's key (`fold_in(base_key, step)`).
-      step: the step count before this update.
+      step: the number of updates applied before this one.
 
     Returns:
-      `(loss, (new_batch_stats, new_extra, metrics))`, the loss a replicated
-      float32 scalar and the metrics replicated scalars.
+      `(loss, Aux)`, the loss a replicated float32 scalar.
     """
+    if self.ema is not None and self.ema.timing == 'before_forward':
+      extra = dict(extra, target=self.ema.update(extra['target'], params,
+                                                 step))
+    return self.compute_loss(params, batch_stats, extra, batch, rng, step)
 
   def process_grads(self, grads: PyTree, extra: PyTree,
                     step: jax.Array) -> PyTree:
@@ -120,16 +199,27 @@ class Method(abc.ABC):
 
   def post_update(self, params: PyTree, extra: PyTree,
                   step: jax.Array) -> tuple[PyTree, PyTree]:
-    """Applies post-optimizer rules: EMA targets, prototype normalisation.
+    """Moves an 'after_update' EMA target, then `after_update`.
 
     Args:
       params: the parameters after this step's optimizer update.
       extra: the extra state returned by `loss_fn`.
-      step: the step count after this update.
+      step: the number of updates applied, this one included.
 
     Returns:
       `(params, extra)`, possibly edited.
     """
+    if self.ema is not None and self.ema.timing == 'after_update':
+      # The momentum is that of the count before this update (BYOL's
+      # `global_step` when the target moves).
+      extra = dict(extra, target=self.ema.update(extra['target'], params,
+                                                 step - 1))
+    return self.after_update(params, extra, step)
+
+  def after_update(self, params: PyTree, extra: PyTree,
+                   step: jax.Array) -> tuple[PyTree, PyTree]:
+    """Hook for post-optimizer rules (prototype normalisation); default
+    none. Arguments as in `post_update`."""
     del step
     return params, extra
 

@@ -4,8 +4,9 @@ Semantics follow facebookresearch/moco `moco/builder.py:MoCo` (see
 docs/methods.md):
 - the query network (encoder, then the v2 MLP head Linear-ReLU-Linear
   without BN) sees view 1; the key network, a momentum copy
-  (`θk ← m·θk + (1 − m)·θq`, m = 0.999, parameters only, applied before
-  the keys are computed; see `jaxssl.methods.momentum`), sees view 2;
+  (`θk ← m·θk + (1 − m)·θq`, m = 0.999, parameters only, applied at the
+  start of the step from the parameters the step differentiates: the
+  `common.EmaTarget` timing 'before_forward'), sees view 2;
 - InfoNCE with the positive at index 0 and the queue as the only negatives,
   `[q·k, q·queueᵀ] / τ` with τ = 0.2 (`losses.moco_v2_infonce`);
 - after the loss the global batch of keys is enqueued at the pointer
@@ -37,14 +38,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxssl import losses
 from jaxssl import models
-from jaxssl import parallel
 from jaxssl.methods import base
-from jaxssl.methods import momentum
-from jaxssl.methods.simclr import embedding_std
+from jaxssl.methods import common
 from jaxssl.models import heads
 
 # fold_in tag of the shuffle-BN permutation's stream within the step key.
@@ -69,10 +67,8 @@ class MoCoV2(base.Method):
   @classmethod
   def validate_config(cls, config: ml_collections.ConfigDict) -> None:
     cfg = config.moco_v2
-    if not cfg.temperature > 0:
-      raise ValueError(f'moco_v2.temperature={cfg.temperature} must be > 0')
-    if not 0.0 <= cfg.momentum <= 1.0:
-      raise ValueError(f'moco_v2.momentum={cfg.momentum} must be in [0, 1]')
+    common.check_positive_numbers(config, 'moco_v2', ('temperature',))
+    common.check_in_unit_interval(config, 'moco_v2', ('momentum',))
     if cfg.queue_size <= 0 or cfg.queue_size % config.global_batch_size:
       raise ValueError(
           f'moco_v2.queue_size={cfg.queue_size} must be a positive multiple '
@@ -82,26 +78,27 @@ class MoCoV2(base.Method):
       raise ValueError(
           f'moco_v2.bn_groups={cfg.bn_groups} must be 0 (one per device) or '
           f'a divisor of global_batch_size={config.global_batch_size}')
-    if config.augment.num_views != 2:
-      raise ValueError(f'augment.num_views={config.augment.num_views}; MoCo '
-                       'v2 uses exactly 2 views (query and key)')
-    if config.head.num_layers < 1:
-      raise ValueError(f'head.num_layers={config.head.num_layers} must be '
-                       '>= 1 for the MoCo v2 head')
+    common.check_num_views(config, 'MoCo v2 (query and key)')
+    common.check_head_layers(config, 'MoCo v2', official=2)
 
-  def __init__(self, config, **kwargs):
-    super().__init__(config, **kwargs)
-    self.bn_groups = momentum.resolve_bn_groups(
-        config.moco_v2.bn_groups, self.mesh, config.global_batch_size,
+  def __init__(self, config, run):
+    super().__init__(config, run)
+    self.bn_groups = common.resolve_bn_groups(
+        config.moco_v2.bn_groups, run.num_devices, run.global_batch_size,
         'moco_v2.bn_groups')
     self._encoder = self.make_encoder(bn_groups=self.bn_groups)
-    hidden = config.head.hidden_dim or models.feature_dim(config.model)
     projector = heads.MLPHead(
-        hidden_dim=hidden, output_dim=config.head.output_dim,
+        hidden_dim=self.head_hidden_dim(), output_dim=config.head.output_dim,
         num_layers=config.head.num_layers, use_bn=False, hidden_bias=True,
         output_bias=True, dtype=models.compute_dtype(config.model))
-    self.net = momentum.MomentumNet(encoder=self._encoder,
-                                    projector=projector)
+    self.net = common.SiameseNet(encoder=self._encoder, projector=projector)
+    self.ema = common.EmaTarget(
+        parts=('encoder', 'projector'),
+        momentum=common.constant_momentum(config.moco_v2.momentum),
+        timing='before_forward')
+
+  def resolved(self):
+    return dict(super().resolved(), **{'moco_v2.bn_groups': self.bn_groups})
 
   @property
   def encoder(self) -> nn.Module:
@@ -118,8 +115,7 @@ class MoCoV2(base.Method):
                     self.config.head.output_dim), jnp.float32)
     extra = {
         # The key network starts as a copy of the query network.
-        'key_params': momentum.copy_tree(params),
-        'key_batch_stats': momentum.copy_tree(batch_stats),
+        'target': self.ema.copy_of(params, batch_stats),
         'queue': losses.l2_normalize(queue),
         'queue_ptr': jnp.zeros((), jnp.int32),
     }
@@ -155,34 +151,34 @@ class MoCoV2(base.Method):
       perm = self.shuffle_permutation(rng, x.shape[0])
       # Keep the shuffled batch sharded over devices, as each GPU holds its
       # slice of the permuted batch in the official code.
-      x = jax.lax.with_sharding_constraint(
-          jnp.take(x, perm, axis=0),
-          NamedSharding(self.mesh, P(parallel.DATA_AXIS)))
-    k, new_stats = momentum.forward(self.net, key_params, key_batch_stats, x)
+      x = common.shard_batch(jnp.take(x, perm, axis=0), self.mesh)
+    out, new_stats = common.forward(self.net, key_params, key_batch_stats, x)
+    k = out.projection
     if shuffle:
       k = jnp.take(k, jnp.argsort(perm), axis=0)
     return jax.lax.stop_gradient(k), new_stats
 
-  def loss_fn(self, params, batch_stats, extra, batch, rng, step):
+  def compute_loss(self, params, batch_stats, extra, batch, rng, step):
     del step  # m is constant and the LR schedule lives in the optimizer
     cfg = self.config.moco_v2
     views = batch['views'][0]  # [N, 2, H, W, C]
-    q, new_batch_stats = momentum.forward(self.net, params, batch_stats,
+    out, new_batch_stats = common.forward(self.net, params, batch_stats,
                                           views[:, 0])
-    key_params = momentum.momentum_update(extra['key_params'], params,
-                                          cfg.momentum)
-    k, key_batch_stats = self.keys(key_params, extra['key_batch_stats'],
+    q = out.projection
+    # extra['target'] was moved by `base.Method.loss_fn` ('before_forward').
+    target = extra['target']
+    k, key_batch_stats = self.keys(target['params'], target['batch_stats'],
                                    views[:, 1], rng)
     # A per-query loss: the global view is exact, no shard_map island needed.
     loss = losses.moco_v2_infonce(q, k, extra['queue'], cfg.temperature)
-    positive_cosine, contrast_acc = momentum.contrast_accuracy(
+    positive_cosine, contrast_acc = common.contrast_accuracy(
         q, k, extra['queue'])
     queue, queue_ptr = losses.moco_enqueue(extra['queue'], extra['queue_ptr'],
                                            k)
-    new_extra = {'key_params': key_params, 'key_batch_stats': key_batch_stats,
+    new_extra = {'target': dict(target, batch_stats=key_batch_stats),
                  'queue': queue, 'queue_ptr': queue_ptr}
-    metrics = {'loss': loss, 'embedding_std': embedding_std(q),
-               'key_embedding_std': embedding_std(k),
+    metrics = {'loss': loss, 'embedding_std': common.embedding_std(q),
+               'key_embedding_std': common.embedding_std(k),
                'positive_cosine': positive_cosine,
                'contrast_acc': contrast_acc}
-    return loss, (new_batch_stats, new_extra, metrics)
+    return loss, base.Aux(new_batch_stats, new_extra, metrics, out.features)

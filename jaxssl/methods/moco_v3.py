@@ -12,7 +12,8 @@ Semantics follow facebookresearch/moco-v3 `moco/builder.py:MoCo_ResNet`
   forwards do;
 - the momentum update `θk ← m·θk + (1 − m)·θq` (encoder and projector
   parameters, not the predictor, not BN statistics) happens at the start of
-  the forward, before the keys (see `jaxssl.methods.momentum`), with
+  the forward, before the keys (`common.EmaTarget` timing
+  'before_forward'), with
   `m = 1 − (1 − m0)(1 + cos(π t / T)) / 2` from m0 = 0.99 over the run;
 - `loss = ctr(q1, k2) + ctr(q2, k1)`, each the InfoNCE of local queries
   against the keys of every device (no gradient) times 2τ, τ = 1.0, in a
@@ -38,15 +39,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.sharding import PartitionSpec as P
 
 from jaxssl import losses
 from jaxssl import models
-from jaxssl import parallel
-from jaxssl import schedules
 from jaxssl.methods import base
-from jaxssl.methods import momentum
-from jaxssl.methods.simclr import embedding_std
+from jaxssl.methods import common
 from jaxssl.models import heads
 
 
@@ -67,25 +64,20 @@ class MoCoV3(base.Method):
   @classmethod
   def validate_config(cls, config: ml_collections.ConfigDict) -> None:
     cfg = config.moco_v3
-    if not cfg.temperature > 0:
-      raise ValueError(f'moco_v3.temperature={cfg.temperature} must be > 0')
-    if not 0.0 <= cfg.base_momentum <= 1.0:
-      raise ValueError(
-          f'moco_v3.base_momentum={cfg.base_momentum} must be in [0, 1]')
+    common.check_positive_numbers(config, 'moco_v3', ('temperature',))
+    common.check_in_unit_interval(config, 'moco_v3', ('base_momentum',))
     if cfg.predictor_hidden_dim <= 0 or cfg.predictor_num_layers < 1:
       raise ValueError(
           f'moco_v3.predictor_hidden_dim={cfg.predictor_hidden_dim} must be '
           f'positive and moco_v3.predictor_num_layers='
           f'{cfg.predictor_num_layers} >= 1')
-    if config.augment.num_views != 2:
-      raise ValueError(f'augment.num_views={config.augment.num_views}; MoCo '
-                       'v3 uses exactly 2 views')
+    common.check_num_views(config, 'MoCo v3')
     if config.head.num_layers < 1:
       raise ValueError(f'head.num_layers={config.head.num_layers} must be '
                        '>= 1 for the MoCo v3 projector')
 
-  def __init__(self, config, **kwargs):
-    super().__init__(config, **kwargs)
+  def __init__(self, config, run):
+    super().__init__(config, run)
     cfg = config.moco_v3
     self._encoder = self.make_encoder()
     mlp = functools.partial(
@@ -94,18 +86,20 @@ class MoCoV3(base.Method):
         bn_momentum=config.model.bn_momentum,
         bn_epsilon=config.model.bn_epsilon)
     projector = mlp(
-        hidden_dim=config.head.hidden_dim or models.feature_dim(config.model),
+        hidden_dim=self.head_hidden_dim(),
         output_dim=config.head.output_dim, num_layers=config.head.num_layers,
         last_bn=True, last_bn_affine=False)
     predictor = mlp(hidden_dim=cfg.predictor_hidden_dim,
                     output_dim=config.head.output_dim,
                     num_layers=cfg.predictor_num_layers)
-    self.net = momentum.MomentumNet(encoder=self._encoder,
-                                    projector=projector, predictor=predictor)
-    self.key_net = momentum.MomentumNet(encoder=self._encoder,
-                                        projector=projector)
-    self.momentum_schedule = schedules.ema_momentum_schedule(
+    # The momentum network is this network without the predictor.
+    self.net = common.SiameseNet(encoder=self._encoder, projector=projector,
+                                 predictor=predictor)
+    self.momentum_schedule = common.ema_momentum_schedule(
         cfg.base_momentum, self.total_steps)
+    self.ema = common.EmaTarget(parts=('encoder', 'projector'),
+                                momentum=self.momentum_schedule,
+                                timing='before_forward')
 
   @property
   def encoder(self) -> nn.Module:
@@ -116,41 +110,35 @@ class MoCoV3(base.Method):
     variables = self.net.init(rng, jnp.zeros(shape, jnp.float32),
                               train=False, predict=True)
     params, batch_stats = variables['params'], variables['batch_stats']
-    extra = {
-        # The momentum network starts as a copy of encoder and projector.
-        'key_params': momentum.copy_tree(momentum.key_part(params)),
-        'key_batch_stats': momentum.copy_tree(momentum.key_part(batch_stats)),
-    }
-    return params, batch_stats, extra
+    # The momentum network starts as a copy of encoder and projector.
+    return params, batch_stats, {'target': self.ema.copy_of(params,
+                                                            batch_stats)}
 
   def _contrastive(self, q1, q2, k1, k2):
     """The symmetric InfoNCE in a shard_map island over `'data'`."""
     fn = functools.partial(losses.moco_v3_infonce,
                            temperature=self.config.moco_v3.temperature,
-                           axis_name=parallel.DATA_AXIS)
-    island = jax.shard_map(fn, mesh=self.mesh,
-                           in_specs=P(parallel.DATA_AXIS), out_specs=P())
-    return island(q1, q2, k1, k2)
+                           axis_name=common.DATA_AXIS)
+    return common.island(fn, self.mesh)(q1, q2, k1, k2)
 
-  def loss_fn(self, params, batch_stats, extra, batch, rng, step):
+  def compute_loss(self, params, batch_stats, extra, batch, rng, step):
     del rng  # MoCo v3's randomness is all in the host augmentations
     views = batch['views'][0]  # [N, 2, H, W, C]
-    x1, x2 = views[:, 0], views[:, 1]
-    q1, stats = momentum.forward(self.net, params, batch_stats, x1,
-                                 predict=True)
-    q2, stats = momentum.forward(self.net, params, stats, x2, predict=True)
-    m = self.momentum_schedule(step)
-    key_params = momentum.momentum_update(
-        extra['key_params'], momentum.key_part(params), m)
-    k1, key_stats = momentum.forward(self.key_net, key_params,
-                                     extra['key_batch_stats'], x1)
-    k2, key_stats = momentum.forward(self.key_net, key_params, key_stats, x2)
-    k1, k2 = jax.lax.stop_gradient(k1), jax.lax.stop_gradient(k2)
+    (o1, o2), stats = common.forward_each_view(self.net, params, batch_stats,
+                                               views, predict=True)
+    # extra['target'] was moved by `base.Method.loss_fn` ('before_forward').
+    target = extra['target']
+    (e1, e2), key_stats = common.forward_each_view(
+        self.net, target['params'], target['batch_stats'], views)
+    k1 = jax.lax.stop_gradient(e1.projection)
+    k2 = jax.lax.stop_gradient(e2.projection)
+    q1, q2 = o1.prediction, o2.prediction
     loss = self._contrastive(q1, q2, k1, k2)
-    positive_cosine, contrast_acc = momentum.in_batch_accuracy(q1, k2)
-    metrics = {'loss': loss, 'embedding_std': embedding_std(q1),
-               'key_embedding_std': embedding_std(k2),
+    positive_cosine, contrast_acc = common.in_batch_accuracy(q1, k2)
+    metrics = {'loss': loss, 'embedding_std': common.embedding_std(q1),
+               'key_embedding_std': common.embedding_std(k2),
                'positive_cosine': positive_cosine,
-               'contrast_acc': contrast_acc, 'momentum': m}
-    new_extra = {'key_params': key_params, 'key_batch_stats': key_stats}
-    return loss, (stats, new_extra, metrics)
+               'contrast_acc': contrast_acc,
+               'momentum': self.momentum_schedule(step)}
+    new_extra = {'target': dict(target, batch_stats=key_stats)}
+    return loss, base.Aux(stats, new_extra, metrics, o1.features)

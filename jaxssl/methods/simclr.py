@@ -24,12 +24,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.sharding import PartitionSpec as P
 
 from jaxssl import losses
 from jaxssl import models
-from jaxssl import parallel
 from jaxssl.methods import base
+from jaxssl.methods import common
 from jaxssl.models import heads
 
 
@@ -43,20 +42,6 @@ class SimCLRNet(nn.Module):
     """Returns `(features [B, feature_dim], projections [B, output_dim])`."""
     h = self.encoder(x, train=train)
     return h, self.head(h, train=train)
-
-
-def embedding_std(z: jax.Array) -> jax.Array:
-  """Mean over dimensions of the batch std of L2-normalised embeddings.
-
-  A collapse monitor: about `1/sqrt(dim)` for spread-out embeddings, 0 when
-  every embedding is the same (Chen & He, SimSiam, 2021, Sec. 4.1).
-
-  Args:
-    z: `[global_batch, dim]` embeddings (global view).
-  """
-  z = z.astype(jnp.float32)
-  z = z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, -1, keepdims=True), 1e-12))
-  return jnp.mean(jnp.std(z, axis=0))
 
 
 class SimCLR(base.Method):
@@ -73,24 +58,20 @@ class SimCLR(base.Method):
 
   @classmethod
   def validate_config(cls, config: ml_collections.ConfigDict) -> None:
-    if not config.simclr.temperature > 0:
-      raise ValueError(
-          f'simclr.temperature={config.simclr.temperature} must be > 0')
+    common.check_positive_numbers(config, 'simclr', ('temperature',))
     if config.simclr.loss_block_size < 0:
       raise ValueError(f'simclr.loss_block_size={config.simclr.loss_block_size}'
                        ' must be >= 0 (0 = dense NT-Xent)')
-    if config.augment.num_views != 2:
-      raise ValueError(f'augment.num_views={config.augment.num_views}; SimCLR'
-                       ' uses exactly 2 views')
+    common.check_num_views(config, 'SimCLR')
 
-  def __init__(self, config, **kwargs):
-    super().__init__(config, **kwargs)
+  def __init__(self, config, run):
+    super().__init__(config, run)
     self._encoder = self.make_encoder()
-    hidden = config.head.hidden_dim or models.feature_dim(config.model)
     self.net = SimCLRNet(
         encoder=self._encoder,
         head=heads.ProjectionHead(
-            num_layers=config.head.num_layers, hidden_dim=hidden,
+            num_layers=config.head.num_layers,
+            hidden_dim=self.head_hidden_dim(),
             output_dim=config.head.output_dim,
             dtype=models.compute_dtype(config.model),
             bn_momentum=config.model.bn_momentum,
@@ -110,28 +91,24 @@ class SimCLR(base.Method):
     cfg = self.config.simclr
     if cfg.loss_block_size:
       fn = functools.partial(losses.nt_xent_blockwise_with_metrics,
-                             temperature=cfg.temperature,
-                             block_size=cfg.loss_block_size,
-                             axis_name=parallel.DATA_AXIS)
+                             block_size=cfg.loss_block_size)
     else:
-      fn = functools.partial(losses.nt_xent_with_metrics,
-                             temperature=cfg.temperature,
-                             axis_name=parallel.DATA_AXIS)
-    island = jax.shard_map(fn, mesh=self.mesh,
-                           in_specs=P(parallel.DATA_AXIS), out_specs=P())
-    return island(z1, z2)
+      fn = losses.nt_xent_with_metrics
+    fn = functools.partial(fn, temperature=cfg.temperature,
+                           axis_name=common.DATA_AXIS)
+    return common.island(fn, self.mesh)(z1, z2)
 
-  def loss_fn(self, params, batch_stats, extra, batch, rng, step):
+  def compute_loss(self, params, batch_stats, extra, batch, rng, step):
     del rng, step  # SimCLR's randomness is all in the host augmentations
     views = batch['views'][0]  # [N, 2, H, W, C]
     n, v = views.shape[:2]
     # Row-major [N*2] keeps each device's images (both views) on that device.
     x = views.reshape((n * v,) + views.shape[2:])
-    (_, z), mutated = self.net.apply(
-        {'params': params, 'batch_stats': batch_stats}, x, train=True,
-        mutable=['batch_stats'])
+    (h, z), batch_stats = common.forward(self.net, params, batch_stats, x)
     z = z.reshape(n, v, -1)
     mean_loss, metrics = self._contrastive(z[:, 0], z[:, 1])
     loss = 2.0 * mean_loss  # tf2/objective.py's mean(loss_a + loss_b)
-    metrics = dict(metrics, loss=loss, embedding_std=embedding_std(z[:, 0]))
-    return loss, (mutated['batch_stats'], extra, metrics)
+    metrics = dict(metrics, loss=loss,
+                   embedding_std=common.embedding_std(z[:, 0]))
+    features = h.reshape(n, v, -1)[:, 0]
+    return loss, base.Aux(batch_stats, extra, metrics, features)

@@ -30,8 +30,7 @@ import ml_collections
 from jaxssl import losses
 from jaxssl import models
 from jaxssl.methods import base
-from jaxssl.methods import byol
-from jaxssl.methods import simclr
+from jaxssl.methods import common
 from jaxssl.models import heads
 
 
@@ -56,25 +55,23 @@ class SimSiam(base.Method):
   @classmethod
   def validate_config(cls, config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad `simsiam`/`head`/view value."""
-    byol.check_positive(config, 'simsiam', 'predictor_hidden_dim')
-    if config.head.num_layers < 1:
-      raise ValueError(f'head.num_layers={config.head.num_layers}; the '
-                       'SimSiam projector needs >= 1 layer (official: 3)')
-    byol.check_two_views(config, 'SimSiam')
+    common.check_positive_ints(config, 'simsiam', ('predictor_hidden_dim',))
+    common.check_head_layers(config, 'SimSiam', official=3)
+    common.check_num_views(config, 'SimSiam')
 
-  def __init__(self, config, **kwargs):
-    super().__init__(config, **kwargs)
+  def __init__(self, config, run):
+    super().__init__(config, run)
     self._encoder = self.make_encoder()
     mlp = dict(dtype=models.compute_dtype(config.model),
                bn_momentum=config.model.bn_momentum,
                bn_epsilon=config.model.bn_epsilon, hidden_bias=False)
-    hidden = config.head.hidden_dim or models.feature_dim(config.model)
     dim = config.head.output_dim
-    self.net = byol.SiameseNet(
+    self.net = common.SiameseNet(
         encoder=self._encoder,
         # The official last Linear has a bias, but the affine-free BN right
         # after it cancels it (the official code freezes it).
-        projector=heads.MLPHead(hidden, dim, num_layers=config.head.num_layers,
+        projector=heads.MLPHead(self.head_hidden_dim(), dim,
+                                num_layers=config.head.num_layers,
                                 last_bn=True, last_bn_affine=False, **mlp),
         predictor=heads.MLPHead(config.simsiam.predictor_hidden_dim, dim,
                                 output_bias=True, **mlp))
@@ -100,38 +97,38 @@ class SimSiam(base.Method):
     """Returns `(params, batch_stats, {})`: SimSiam has no extra state."""
     x = jnp.zeros((2, self.image_size, self.image_size, self.num_channels),
                   jnp.float32)
-    variables = self.net.init(rng, x, train=True)
+    variables = self.net.init(rng, x, train=True, predict=True)
     return variables['params'], variables['batch_stats'], {}
 
-  def loss_fn(self, params, batch_stats, extra, batch, rng, step):
+  def compute_loss(self, params, batch_stats, extra, batch, rng, step):
     """The symmetric negative cosine with stop-gradient on the projections.
 
     Args:
       params: network parameters.
       batch_stats: BatchNorm averages, updated once per view.
       extra: `{}`, returned as is.
-      batch: `{'views': ([global_batch, 2, H, W, C],), ...}`, sharded.
+      batch: `{'views': ([global_batch, 2, H, W, C],)}`, sharded.
       rng: unused (the views are made by the input pipeline).
       step: unused.
 
     Returns:
-      `(loss, (batch_stats, extra, metrics))`; metrics: loss,
-      embedding_std, target_online_agreement and view_agreement.
+      `(loss, Aux)`; metrics: loss, embedding_std, target_online_agreement
+      and view_agreement.
     """
     del rng, step  # all randomness is in the host augmentations
-    outputs, batch_stats = byol.forward_views(
+    (e1, e2), batch_stats = common.forward_each_view(
         self.net, params, batch_stats, batch['views'][0], predict=True)
-    (z1, p1), (z2, p2) = outputs
+    z1, p1, z2, p2 = e1.projection, e1.prediction, e2.projection, e2.prediction
     loss = losses.simsiam_loss(p1, p2, z1, z2)
     t1, t2 = jax.lax.stop_gradient(z1), jax.lax.stop_gradient(z2)
     metrics = {
         'loss': loss,
-        'embedding_std': simclr.embedding_std(z1),
+        'embedding_std': common.embedding_std(z1),
         # The targets of p1 and p2 are sg(z2) and sg(z1): -loss, logged
         # under the name BYOL uses for the same collapse monitor.
-        'target_online_agreement': 0.5 * (byol.mean_cosine(p1, t2)
-                                          + byol.mean_cosine(p2, t1)),
+        'target_online_agreement': 0.5 * (common.mean_cosine(p1, t2)
+                                          + common.mean_cosine(p2, t1)),
         # Tends to 1 (with embedding_std to 0) when the network collapses.
-        'view_agreement': byol.mean_cosine(z1, z2),
+        'view_agreement': common.mean_cosine(z1, z2),
     }
-    return loss, (batch_stats, extra, metrics)
+    return loss, base.Aux(batch_stats, extra, metrics, e1.features)

@@ -17,7 +17,7 @@ Semantics follow facebookresearch/swav `main_swav.py` and `src/resnet50.py`
   torch's `grad = None`: apex LARC skips a zero gradient (no weight decay,
   no adaptation) and the momentum buffer, still zero, stays zero, so the
   prototypes do not move at all. Officially they are re-normalised at the
-  start of every iteration; here `post_update` normalises them after every
+  start of every iteration; here `after_update` normalises them after every
   update that moved them (and `init` normalises the initial ones), which
   leaves the same prototypes for the next forward, since nothing reads them
   in between, while frozen prototypes stay bit-identical;
@@ -39,32 +39,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.sharding import PartitionSpec as P
 
 from jaxssl import losses
 from jaxssl import models
-from jaxssl import parallel
 from jaxssl.methods import base
-from jaxssl.methods import simclr
+from jaxssl.methods import common
 from jaxssl.models import heads
-
-
-def _split_crops(x: jax.Array, crops_per_group, num_chunks: int):
-  """Inverts the chunk-major layout of `SwAVNet`: returns `[N, V, ...]`."""
-  parts = jnp.split(x.reshape((num_chunks, -1) + x.shape[1:]),
-                    list(_cumsum(crops_per_group))[:-1], axis=1)
-  out = []
-  for part, (rows, v) in zip(parts, crops_per_group):
-    part = part.reshape((num_chunks, rows // v, v) + x.shape[1:])
-    out.append(part.reshape((-1, v) + x.shape[1:]))
-  return jnp.concatenate(out, axis=1)
-
-
-def _cumsum(crops_per_group):
-  total = 0
-  for rows, _ in crops_per_group:
-    total += rows
-    yield total
 
 
 class SwAVNet(nn.Module):
@@ -82,50 +62,18 @@ class SwAVNet(nn.Module):
         resolution (global batch, sharded over `'data'`).
       train: BatchNorm uses and updates batch statistics.
       num_chunks: the head sees the features in `num_chunks` contiguous
-        chunks of `N / num_chunks` examples with all their crops, so that
-        grouped BatchNorm statistics and device shards follow examples.
+        chunks of examples (`common.multicrop_embed`).
 
     Returns:
       `(z, scores)`: `[N, V, dim]` L2-normalised embeddings and
       `[N, V, K]` float32 prototype scores, crops in view order.
     """
-    n = views[0].shape[0]
-    feats, crops_per_group = [], []
-    for x in views:
-      v = x.shape[1]
-      # Row-major [N*V] keeps each example's crops in its own chunk.
-      h = self.encoder(x.reshape((n * v,) + x.shape[2:]), train=train)
-      feats.append(h.reshape(num_chunks, -1, h.shape[-1]))
-      crops_per_group.append((n // num_chunks * v, v))
-    h = jnp.concatenate(feats, axis=1).reshape(-1, feats[0].shape[-1])
-    z = losses.l2_normalize(self.head(h, train=train))
-    scores = self.prototypes(z)
-    return (_split_crops(z, crops_per_group, num_chunks),
-            _split_crops(scores, crops_per_group, num_chunks))
+    z = common.multicrop_embed(self.encoder, self.head, views, train=train,
+                               num_chunks=num_chunks)
+    return z, self.prototypes(z)
 
 
-def _entropy(p: jax.Array, axis: int = -1) -> jax.Array:
-  """Shannon entropy in nats, with `0 · log 0 = 0`."""
-  safe = jnp.where(p > 0, p, 1.0)
-  return -jnp.sum(jnp.where(p > 0, p * jnp.log(safe), 0.0), axis=axis)
-
-
-def code_metrics(codes: jax.Array) -> dict[str, jax.Array]:
-  """Collapse monitors of SwAV's codes.
-
-  Args:
-    codes: `[global_batch, K]` Sinkhorn codes of one assigned crop.
-
-  Returns:
-    `prototype_usage_entropy`: entropy of the histogram of hard assignments
-    (argmax code) over the batch, `ln K` when every prototype is used
-    equally, 0 when all examples pick the same one; `code_entropy`: mean
-    entropy of the soft codes, `ln K` for the uniform codes of a collapsed
-    model (loss stuck at `ln K`, facebookresearch/swav README).
-  """
-  hard = jax.nn.one_hot(jnp.argmax(codes, axis=-1), codes.shape[-1])
-  return {'prototype_usage_entropy': _entropy(jnp.mean(hard, axis=0)),
-          'code_entropy': jnp.mean(_entropy(codes))}
+code_metrics = common.assignment_metrics
 
 
 class SwAV(base.Method):
@@ -185,12 +133,12 @@ class SwAV(base.Method):
       raise ValueError(f'head.num_layers={config.head.num_layers} must be '
                        '>= 1 for SwAV (1 = a linear projection)')
 
-  def __init__(self, config, **kwargs):
-    super().__init__(config, **kwargs)
+  def __init__(self, config, run):
+    super().__init__(config, run)
     c = config.swav
     self.bn_groups = (config.global_batch_size // c.bn_examples_per_group
                       if c.bn_examples_per_group else 1)
-    self.num_chunks = math.lcm(self.bn_groups, self.mesh.devices.size)
+    self.num_chunks = math.lcm(self.bn_groups, run.num_devices)
     # As main_swav.py: the queue holds whole global batches.
     self.queue_length = c.queue_length - (c.queue_length
                                           % config.global_batch_size)
@@ -201,14 +149,17 @@ class SwAV(base.Method):
               bn_epsilon=config.model.bn_epsilon, bn_groups=self.bn_groups,
               dtype=dtype)
     self._encoder = self.make_encoder(bn_groups=self.bn_groups)
-    hidden = config.head.hidden_dim or models.feature_dim(config.model)
     self.net = SwAVNet(
         encoder=self._encoder,
-        head=heads.MLPHead(hidden_dim=hidden,
+        head=heads.MLPHead(hidden_dim=self.head_hidden_dim(),
                            output_dim=config.head.output_dim,
                            num_layers=config.head.num_layers,
                            output_bias=True, **bn),
         prototypes=heads.Prototypes(num_prototypes=c.num_prototypes))
+
+  def resolved(self):
+    return dict(super().resolved(), **{'swav.bn_groups': self.bn_groups,
+                                       'swav.queue_length': self.queue_length})
 
   @property
   def encoder(self) -> nn.Module:
@@ -237,14 +188,11 @@ class SwAV(base.Method):
         losses.swav_loss, crops_for_assign=tuple(c.crops_for_assign),
         temperature=c.temperature, epsilon=c.epsilon,
         num_iters=c.sinkhorn_iterations, log_domain=c.sinkhorn_log_domain,
-        axis_name=parallel.DATA_AXIS)
+        axis_name=common.DATA_AXIS)
     if queue_scores is None:
-      island = jax.shard_map(lambda s: fn(s), mesh=self.mesh,
-                             in_specs=P(parallel.DATA_AXIS), out_specs=P())
-      return island(scores)
-    island = jax.shard_map(lambda s, q: fn(s, queue_scores=q), mesh=self.mesh,
-                           in_specs=P(parallel.DATA_AXIS), out_specs=P())
-    return island(scores, queue_scores)
+      return common.island(lambda s: fn(s), self.mesh)(scores)
+    return common.island(lambda s, q: fn(s, queue_scores=q),
+                         self.mesh)(scores, queue_scores)
 
   def _loss_and_codes(self, scores, queue_scores):
     """The loss and, for the monitors, the codes of the first assigned crop.
@@ -261,7 +209,7 @@ class SwAV(base.Method):
     codes = sinkhorn(out, c.epsilon, c.sinkhorn_iterations)[-scores[0].shape[0]:]
     return loss, codes
 
-  def loss_fn(self, params, batch_stats, extra, batch, rng, step):
+  def compute_loss(self, params, batch_stats, extra, batch, rng, step):
     """SwAV's loss in the global view; enqueues the assigned embeddings.
 
     The official code keeps one queue per GPU, `[A, L / W, dim]`, of that
@@ -281,11 +229,11 @@ class SwAV(base.Method):
     del rng  # all randomness is in the host augmentations
     c = self.config.swav
     num_crops = sum(v.shape[1] for v in batch['views'])
-    (z, scores), mutated = self.net.apply(
-        {'params': params, 'batch_stats': batch_stats}, batch['views'],
-        train=True, num_chunks=self.num_chunks, mutable=['batch_stats'])
+    (z, scores), batch_stats = common.forward(
+        self.net, params, batch_stats, batch['views'],
+        num_chunks=self.num_chunks)
     scores_list = [scores[:, v] for v in range(num_crops)]
-    metrics = {'embedding_std': simclr.embedding_std(z[:, 0])}
+    metrics = {'embedding_std': common.embedding_std(z[:, 0])}
     if not self.queue_length:
       loss, codes = self._loss_and_codes(scores_list, None)
       metrics['queue_in_use'] = jnp.zeros((), jnp.float32)
@@ -301,8 +249,8 @@ class SwAV(base.Method):
           queue_scores)
       metrics['queue_in_use'] = in_use.astype(jnp.float32)
       extra = self._enqueue(extra, z, step)
-    metrics.update(code_metrics(codes), loss=loss)
-    return loss, (mutated['batch_stats'], extra, metrics)
+    metrics.update(common.assignment_metrics(codes), loss=loss)
+    return loss, base.Aux(batch_stats, extra, metrics)
 
   def _enqueue(self, extra, z, step):
     """Shifts the queue by the global batch and puts this batch in front."""
@@ -325,7 +273,7 @@ class SwAV(base.Method):
                           grads['prototypes'])
     return {**grads, 'prototypes': protos}
 
-  def post_update(self, params, extra, step):
+  def after_update(self, params, extra, step):
     """L2-normalises the prototypes after every update that moved them."""
     moved = step > self.config.swav.freeze_prototypes_niters
     protos = params['prototypes']
