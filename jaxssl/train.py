@@ -15,6 +15,7 @@ from etils import epath
 
 from jaxssl import checkpoint
 from jaxssl import config_schema
+from jaxssl import cpu_kernels
 from jaxssl import datasets
 from jaxssl import distributed
 from jaxssl import evaluate
@@ -36,6 +37,7 @@ class Setup:
   total_steps: int
   init_fn: Any  # jitted () -> TrainState, replicated
   train_step: Any  # jitted (state, batch) -> (state, metrics), state donated
+  factories: cpu_kernels.Factories | None = None  # the encoders' ops
 
 
 def total_train_steps(config: ml_collections.ConfigDict,
@@ -64,9 +66,13 @@ def setup(config: ml_collections.ConfigDict,
   steps_per_epoch = input_pipeline.steps_per_epoch(
       config, info.num_train_examples)
   total_steps = total_train_steps(config, steps_per_epoch)
+  # Picked once per process (the process's device count, not the mesh's:
+  # simulated devices share the cores whichever of them the mesh uses).
+  factories = cpu_kernels.select_factories(config.kernels)
   method = methods.get_method_class(config.method)(
       config, mesh=mesh, num_channels=info.image_shape[-1],
-      steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+      steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+      factories=factories)
   schedule = optim.make_schedule(
       config.optim, global_batch_size=config.global_batch_size,
       steps_per_epoch=steps_per_epoch, total_steps=total_steps)
@@ -81,7 +87,7 @@ def setup(config: ml_collections.ConfigDict,
                        donate_argnames='state',
                        out_shardings=(replicated, replicated))
   return Setup(config, mesh, info, method, steps_per_epoch, total_steps,
-               init_fn, train_step)
+               init_fn, train_step, factories)
 
 
 def _check_resumable(saved: dict, current: dict, directory) -> None:
@@ -162,8 +168,8 @@ def train(s: Setup, workdir: str):
     print(f'{config.method}: {s.total_steps} steps ({s.steps_per_epoch} per '
           f'epoch) at global batch {config.global_batch_size} on '
           f'{s.mesh.devices.size} devices, {jax.process_count()} process(es); '
-          f'{"resuming from step " + str(start) if start else "from scratch"}',
-          flush=True)
+          f'{"resuming from step " + str(start) if start else "from scratch"}'
+          f'; {s.factories.describe()}', flush=True)
   if start >= s.total_steps:
     return state
   batches = input_pipeline.pretrain_batches(

@@ -15,6 +15,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
+from jaxssl import cpu_kernels
 from jaxssl import models
 
 PyTree = Any
@@ -32,7 +33,8 @@ class Method(abc.ABC):
   name: str = ''
 
   def __init__(self, config: ml_collections.ConfigDict, *, mesh: Mesh,
-               num_channels: int, steps_per_epoch: int, total_steps: int):
+               num_channels: int, steps_per_epoch: int, total_steps: int,
+               factories: cpu_kernels.Factories | None = None):
     """Builds the method's networks.
 
     Args:
@@ -43,6 +45,8 @@ class Method(abc.ABC):
       steps_per_epoch: optimizer steps per epoch of the train split (for
         schedules stated in epochs: EMA momentum, queue start, freezing).
       total_steps: optimizer steps of the whole run.
+      factories: the encoders' conv and norm factories, picked once by the
+        trainer (`cpu_kernels.select_factories`); None: XLA's ops.
     """
     self.config = config
     self.mesh = mesh
@@ -50,17 +54,14 @@ class Method(abc.ABC):
     self.image_size = config.dataset.image_size
     self.steps_per_epoch = steps_per_epoch
     self.total_steps = total_steps
+    self.factories = factories
 
   def make_encoder(self, *, bn_groups: int = 1):
-    """`models.make_encoder` for this run's images.
-
-    The process's device count, not the mesh's, picks the convolution of
-    `conv_impl='auto'` (`make_encoder`'s default): simulated devices share
-    the cores whichever of them the mesh uses, and a 1-device twin of an
-    8-device run then computes with the same convolution.
-    """
+    """`models.make_encoder` for this run's images and `factories`."""
+    layers = {} if self.factories is None else {
+        'conv': self.factories.conv, 'norm': self.factories.norm}
     return models.make_encoder(self.config.model, image_size=self.image_size,
-                               bn_groups=bn_groups)
+                               bn_groups=bn_groups, **layers)
 
   @property
   def fixed_lr_mask(self):

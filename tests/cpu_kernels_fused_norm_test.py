@@ -1,8 +1,8 @@
-"""Tests for jaxssl.models.fused_norm and `BatchNorm(impl=...)`.
+"""Tests for jaxssl.cpu_kernels.fused_norm and its `FusedBatchNorm`.
 
 The hand-written VJP is checked against JAX's autodiff of a textbook
-float64 BatchNorm (two-pass variance), written here, and against the
-module's own 'autodiff' path, for values, running statistics and the
+float64 BatchNorm (two-pass variance), written here, and against
+`layers.BatchNorm` (JAX's autodiff of the same forward), for values, running statistics and the
 gradients of x, gamma, beta and the residual.
 """
 
@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxssl.models import fused_norm, layers
+from jaxssl.cpu_kernels import fused_norm
+from jaxssl.models import layers
+
+_MODULES = {'fused': fused_norm.FusedBatchNorm, 'autodiff': layers.BatchNorm}
 
 _SHAPES = [(32, 5), (16, 3, 3, 4)]
 
@@ -111,8 +114,8 @@ def test_normalize_matches_float64_autodiff(shape, num_groups, relu,
 
 def _module_grads(impl, inputs, num_groups, relu, use_scale=True,
                   use_bias=True):
-  bn = layers.BatchNorm(num_groups=num_groups, impl=impl,
-                        use_scale=use_scale, use_bias=use_bias)
+  bn = _MODULES[impl](num_groups=num_groups, use_scale=use_scale,
+                      use_bias=use_bias)
   variables = bn.init(jax.random.key(0, impl='rbg'), inputs['x'],
                       train=False)
   params = jax.tree.map(lambda p: p * 1.5 + 0.25,
@@ -171,21 +174,16 @@ def _uses_custom_vjp(bn, x):
   return 'custom_vjp_call' in str(jaxpr)
 
 
-def test_auto_is_fused_for_float32_on_cpu_only():
-  assert jax.default_backend() == 'cpu'
+def test_fused_module_takes_the_vjp_for_float32_only():
   x = jnp.ones((8, 3))
-  assert _uses_custom_vjp(layers.BatchNorm(), x)
-  assert not _uses_custom_vjp(layers.BatchNorm(dtype=jnp.bfloat16),
-                              x.astype(jnp.bfloat16))
-  assert not _uses_custom_vjp(layers.BatchNorm(impl='autodiff'), x)
-  assert _uses_custom_vjp(layers.BatchNorm(impl='fused', dtype=jnp.bfloat16),
-                          x.astype(jnp.bfloat16))
+  assert _uses_custom_vjp(fused_norm.FusedBatchNorm(), x)
+  assert not _uses_custom_vjp(
+      fused_norm.FusedBatchNorm(dtype=jnp.bfloat16), x.astype(jnp.bfloat16))
+  assert not _uses_custom_vjp(layers.BatchNorm(), x)
 
 
-def test_bad_impl_and_residual_shape():
+def test_bad_residual_shape():
   x = jnp.ones((8, 3))
-  with pytest.raises(ValueError, match="impl='fast'; known: auto, fused"):
-    layers.BatchNorm(impl='fast').init(jax.random.key(0), x, train=True)
   with pytest.raises(ValueError, match=r'residual shape \(8, 4\) differs'):
-    layers.BatchNorm().init(jax.random.key(0), x, train=True,
-                            residual=jnp.ones((8, 4)))
+    fused_norm.FusedBatchNorm().init(jax.random.key(0), x, train=True,
+                                     residual=jnp.ones((8, 4)))

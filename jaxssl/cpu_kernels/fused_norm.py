@@ -15,8 +15,9 @@ more. On this project's 2-core CPU a ResNet-18 stage-1 BN + ReLU
 (41 vs 50 ms), and the ResNet-18 SimCLR step about 5% faster (batch 64:
 2415 vs 2543 ms; batch 256: 9.7 vs 10.3 s; medians, alternating).
 
-`layers.BatchNorm`'s autodiff and inference paths use the same statistics
-(`group_statistics`) and affine map (`affine`). The statistics are the
+It uses `layers.BatchNorm`'s statistics (`layers.group_statistics`) and
+affine map (`layers.affine`); `FusedBatchNorm` is that module with this
+gradient, for float32 training on a CPU (`jaxssl.cpu_kernels`). The statistics are the
 biased variance, computed as E[x^2] - E[x]^2
 clipped at 0, in float32, over every axis but the last within each of
 `num_groups` contiguous slices of the batch. Under `jax.jit`
@@ -44,75 +45,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxssl.models import layers
+
 
 def _grouped(x: jax.Array, num_groups: int) -> jax.Array:
   """`[B, ..., C]` -> `[G, B * ... / G, C]` (a view)."""
   return x.reshape(num_groups, -1, x.shape[-1])
 
 
-def _sum(x: jax.Array) -> jax.Array:
-  """`[G, M, C]` -> `[G, C]`, the sum over M.
-
-  With G = 1 the sum is taken over a 2-D `[M, C]`: XLA:CPU hands both forms
-  to YNNPACK, whose reduction over the middle axis of `[1, M, C]` ran the
-  ResNet-18 stage-1 BN backward 5x slower.
-  """
-  if x.shape[0] == 1:
-    return x.reshape(x.shape[1:]).sum(0)[None]
-  return x.sum(1)
-
-
-def group_statistics(x: jax.Array,
-                     num_groups: int) -> tuple[jax.Array, jax.Array]:
-  """BatchNorm's per-group batch statistics (both gradient paths use them).
-
-  Args:
-    x: `[batch, ..., C]` float32, the global batch; `num_groups` must
-      divide the batch (checked by the caller).
-    num_groups: contiguous batch slices with separate statistics.
-
-  Returns:
-    `(mean, var)`, each `[num_groups, C]`: the biased variance as
-    E[x^2] - E[x]^2 (one fused reduction, as `nn.BatchNorm`), clipped at 0
-    where it rounds below.
-  """
-  xg = _grouped(x, num_groups)
-  count = xg.shape[1]
-  mean = _sum(xg) / count
-  var = jnp.maximum(0.0, _sum(jnp.square(xg)) / count - jnp.square(mean))
-  return mean, var
-
-
-def affine(x: jax.Array, mean: jax.Array, var: jax.Array,
-           scale: jax.Array | None, bias: jax.Array | None,
-           epsilon: float) -> jax.Array:
-  """`(x - mean) * rsqrt(var + eps) * scale + bias`, per group (both paths).
-
-  Args:
-    x: `[batch, ..., C]`, any float dtype; computed in float32.
-    mean: `[G, C]` statistics of `G` contiguous batch groups (batch or
-      running averages; G divides the batch).
-    var: `[G, C]`, likewise.
-    scale: `[C]` gamma, or None for none.
-    bias: `[C]` beta, or None for none.
-    epsilon: added to the variance.
-
-  Returns:
-    float32, shaped like `x`.
-  """
-  mul = lax.rsqrt(var + epsilon)
-  if scale is not None:
-    mul = mul * scale
-  y = (_grouped(x.astype(jnp.float32), mean.shape[0]) - mean[:, None]
-       ) * mul[:, None]
-  if bias is not None:
-    y = y + bias
-  return y.reshape(x.shape)
-
-
 def _forward(x, scale, bias, residual, num_groups, epsilon, relu):
-  mean, var = group_statistics(x, num_groups)
-  y = _grouped(affine(x, mean, var, scale, bias, epsilon), num_groups)
+  mean, var = layers.group_statistics(x, num_groups)
+  y = _grouped(layers.affine(x, mean, var, scale, bias, epsilon), num_groups)
   if residual is not None:
     y = y + _grouped(residual, num_groups)
   if relu:
@@ -148,8 +91,8 @@ def _normalize_bwd(num_groups, epsilon, relu, saved, cotangents):
   centred = (_grouped(x, num_groups)
              - lax.optimization_barrier(mean)[:, None])
   count = gg.shape[1]
-  sum_g = _sum(gg)  # [G, C]
-  sum_gc = _sum(gg * centred)
+  sum_g = layers.group_sum(gg)  # [G, C]
+  sum_gc = layers.group_sum(gg * centred)
   mul = scale * rstd
   dvar = jnp.where(var > 0, dvar, 0.0)
   coef_c = (-mul * jnp.square(rstd) * sum_gc + 2.0 * dvar) / count
@@ -186,3 +129,24 @@ def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, *,
   """
   return _normalize(x, scale, bias, residual, num_groups, float(epsilon),
                     bool(relu))
+
+
+class FusedBatchNorm(layers.BatchNorm):
+  """`layers.BatchNorm` whose float32 training forward is `normalize`.
+
+  Same parameters, statistics and values as `layers.BatchNorm` (so either
+  loads the other's variables); only the gradient is hand-written. Other
+  dtypes, and inference, take `layers.BatchNorm`'s path.
+  """
+
+  def normalize_train(self, x, scale, bias, residual, relu):
+    float32 = all(a is None or a.dtype == jnp.float32
+                  for a in (x, residual)) and self.dtype == jnp.float32
+    if not float32:
+      return super().normalize_train(x, scale, bias, residual, relu)
+    features = x.shape[-1]
+    return normalize(
+        x, jnp.ones((features,)) if scale is None else scale,
+        jnp.zeros((features,)) if bias is None else bias,
+        num_groups=self.num_groups, epsilon=self.epsilon, residual=residual,
+        relu=relu)
