@@ -16,7 +16,7 @@ import pytest
 
 from jaxssl import cpu_kernels
 from jaxssl import models
-from jaxssl.cpu_kernels import fused_norm, winograd
+from jaxssl.cpu_kernels import winograd
 from jaxssl.models import layers
 
 _KEY = jax.random.key(0, impl='rbg')  # fast init on CPU
@@ -43,12 +43,9 @@ def test_select_factories(kernels, local_devices, backend, expected):
   factories = cpu_kernels.select_factories(
       kernels, backend=backend, local_devices=local_devices)
   assert factories.name == expected
-  if expected == 'cpu':
-    assert (factories.conv, factories.norm) == (
-        cpu_kernels.CpuConv, fused_norm.FusedBatchNorm)
-  else:
-    assert (factories.conv, factories.norm) == (layers.Conv,
-                                                layers.BatchNorm)
+  assert factories.conv is (cpu_kernels.CpuConv if expected == 'cpu'
+                            else layers.Conv)
+  assert factories.norm is layers.BatchNorm
   assert factories.describe().startswith(f'kernels: {expected} ({kernels}')
 
 
@@ -93,9 +90,8 @@ def test_models_package_has_no_backend_check():
 
 
 def test_cpu_encoder_trains_like_xla(monkeypatch):
-  # The CPU kernels run im2col matmuls, Winograd and the fused BatchNorm
-  # VJP; a ResNet-18's features and every parameter gradient equal those
-  # of XLA's ops. (SmallCNN is not compared here: its BatchNorms over 4
+  # The CPU kernels run im2col matmuls and Winograd; a ResNet-18's features
+  # and every parameter gradient equal those of XLA's ops. (SmallCNN is not compared here: its BatchNorms over 4
   # images amplify float32 rounding to ~1e-4 for every implementation
   # against XLA's, im2col included; its convolutions are covered op by op
   # in cpu_kernels_fastconv_test and cpu_kernels_winograd_test.)

@@ -2,13 +2,13 @@
 
 `jaxssl.models` builds every encoder from a convolution factory and a
 BatchNorm factory (`conv=`, `norm=`; plain XLA ops by default) and never
-looks at the backend. This package holds faster CPU implementations with
-the same parameters and values:
-- `CpuConv`: `layers.Conv` computed by `fastconv.conv2d`, whose products
-  are im2col matmuls or Winograd F(2x2, 3x3) (`fastconv`, `winograd`,
-  `batch_chunks`);
-- `fused_norm.FusedBatchNorm`: `layers.BatchNorm` with a hand-written
-  training VJP that fuses the residual add and ReLU.
+looks at the backend. This package holds a faster CPU convolution with
+the same parameters and values: `CpuConv`, `layers.Conv` computed by
+`fastconv.conv2d`, whose products are im2col matmuls or Winograd
+F(2x2, 3x3) (`fastconv`, `winograd`, `batch_chunks`). BatchNorm stays
+`layers.BatchNorm` everywhere: a hand-written fused BatchNorm VJP saved
+less than 10% of the ResNet-18 CIFAR step and was removed
+(docs/benchmarks.md, "Fused BatchNorm VJP: removed").
 
 `select_factories` picks the pair once, outside the model, from the
 backend, this process's device count and the user's `kernels` choice
@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from jaxssl.cpu_kernels import fastconv, fused_norm
+from jaxssl.cpu_kernels import fastconv
 from jaxssl.models import layers
 
 # 'auto': the CPU kernels on a CPU backend with one device in this process,
@@ -47,7 +47,7 @@ class Factories(NamedTuple):
 
   Attributes:
     conv: convolution factory (`layers.Conv` or `CpuConv`).
-    norm: BatchNorm factory (`layers.BatchNorm` or `FusedBatchNorm`).
+    norm: BatchNorm factory (`layers.BatchNorm` for both choices today).
     name: 'cpu' or 'xla', what was picked.
     reason: why, in words, for the start-of-run log line.
   """
@@ -97,9 +97,8 @@ def select_factories(kernels: str = 'auto', *, backend: str | None = None,
     use_cpu = kernels == 'cpu'
     reason = f'{kernels}: chosen'
   if use_cpu:
-    return Factories(CpuConv, fused_norm.FusedBatchNorm, 'cpu', reason)
+    return Factories(CpuConv, layers.BatchNorm, 'cpu', reason)
   return Factories(layers.Conv, layers.BatchNorm, 'xla', reason)
 
 
-__all__ = ['KERNELS', 'CpuConv', 'Factories', 'fastconv', 'fused_norm',
-           'select_factories']
+__all__ = ['KERNELS', 'CpuConv', 'Factories', 'fastconv', 'select_factories']

@@ -212,42 +212,19 @@ class BatchNorm(nn.Module):
           f'num_groups={self.num_groups}; use a batch that is a multiple of '
           'it')
     if train:
-      y, mean, var = self.normalize_train(x, scale, bias, residual, relu)
+      mean, var = group_statistics(x.astype(jnp.float32), self.num_groups)
     else:
-      y = affine(x, ra_mean.value[None], ra_var.value[None], scale, bias,
-                 self.epsilon).astype(self.dtype)
-      y = _add_and_relu(y, residual, relu)
+      mean, var = ra_mean.value[None], ra_var.value[None]
+    y = affine(x, mean, var, scale, bias, self.epsilon).astype(self.dtype)
+    if residual is not None:
+      y = y + residual
+    if relu:
+      y = nn.relu(y)
     if train and not self.is_initializing():
       m = self.momentum
       ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(0)
       ra_var.value = m * ra_var.value + (1 - m) * var.mean(0)
     return y
-
-  def normalize_train(self, x: jax.Array, scale: jax.Array | None,
-                      bias: jax.Array | None, residual: jax.Array | None,
-                      relu: bool):
-    """Training-mode forward; a subclass may change how it differentiates.
-
-    Args:
-      x: `[batch, ..., C]`, the global batch.
-      scale: `[C]` gamma or None; bias: `[C]` beta or None.
-      residual: None or an array shaped like `x`, added after the affine map.
-      relu: apply ReLU last.
-
-    Returns:
-      `(y, mean, var)`: `y` shaped like `x` in `dtype`; the group statistics
-      `[num_groups, C]` float32 (they feed the running averages).
-    """
-    mean, var = group_statistics(x.astype(jnp.float32), self.num_groups)
-    y = affine(x, mean, var, scale, bias, self.epsilon).astype(self.dtype)
-    return _add_and_relu(y, residual, relu), mean, var
-
-
-def _add_and_relu(y: jax.Array, residual: jax.Array | None,
-                  relu: bool) -> jax.Array:
-  if residual is not None:
-    y = y + residual
-  return nn.relu(y) if relu else y
 
 
 def _grouped(x: jax.Array, num_groups: int) -> jax.Array:

@@ -126,8 +126,9 @@ class ResNet(nn.Module):
     bn_groups: BatchNorm statistics groups (see `layers.BatchNorm`).
     conv: convolution factory, `layers.Conv` or a module with its fields
       and parameters (`jaxssl.cpu_kernels.CpuConv`).
-    norm: BatchNorm factory, `layers.BatchNorm` or a module with its fields
-      and parameters (`jaxssl.cpu_kernels.fused_norm.FusedBatchNorm`).
+    norm: BatchNorm factory, `layers.BatchNorm` or a module with its fields,
+      parameters and call signature (residual and ReLU included, so an
+      implementation may fuse them).
 
   References:
     He et al., Deep Residual Learning for Image Recognition, 2016;
