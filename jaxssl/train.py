@@ -24,6 +24,7 @@ from jaxssl import methods
 from jaxssl import optim
 from jaxssl import parallel
 from jaxssl import reporting
+from jaxssl import runtime
 from jaxssl import steps
 
 @dataclasses.dataclass
@@ -69,6 +70,10 @@ def setup(config: ml_collections.ConfigDict,
   # Picked once per process (the process's device count, not the mesh's:
   # simulated devices share the cores whichever of them the mesh uses).
   factories = cpu_kernels.select_factories(config.kernels)
+  if factories.name == 'cpu' and runtime.tune_malloc():
+    # Measured to help only there (jaxssl/runtime.py).
+    factories = factories._replace(
+        reason=f'{factories.reason}; glibc malloc keeps freed memory')
   method = methods.get_method_class(config.method)(
       config, mesh=mesh, num_channels=info.image_shape[-1],
       steps_per_epoch=steps_per_epoch, total_steps=total_steps,
