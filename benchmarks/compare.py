@@ -56,7 +56,8 @@ def add_arguments(parser) -> None:
                       help='jaxssl side (must stay the ResNet-18 CIFAR '
                       'recipe to be comparable)')
   parser.add_argument('--conv-impls', nargs='+', default=['auto', 'xla'],
-                      choices=('auto', 'im2col', 'xla'))
+                      choices=('auto', 'cpu', 'xla'),
+                      help='jaxssl kernels choices (config key kernels)')
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--steps', type=int, default=2,
                       help='timed steps per worker per round')

@@ -11,6 +11,7 @@ import math
 
 import ml_collections
 
+from jaxssl import cpu_kernels
 from jaxssl import methods
 from jaxssl import models
 from jaxssl.augment import recipes
@@ -33,6 +34,10 @@ def defaults(method: str = 'simclr') -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.eval_after_training = False  # linear evaluation at the end of `train`
+  # Encoder ops, a runtime choice (not saved with exported encoders):
+  # 'auto' = jaxssl.cpu_kernels on a 1-device CPU process, else XLA's ops;
+  # 'cpu' | 'xla' force one (jaxssl.cpu_kernels.select_factories).
+  c.kernels = 'auto'
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = 'fashion_mnist'  # tfds name, or 'image_folder'
@@ -77,7 +82,6 @@ def defaults(method: str = 'simclr') -> ml_collections.ConfigDict:
   c.model.bn_momentum = 0.9
   c.model.bn_epsilon = 1e-5
   c.model.zero_init_residual = True
-  c.model.conv_impl = 'auto'  # matmul-based convs on CPU (models/fastconv)
   # mean/std normalisation as the encoder's first op: 'none' (SimCLR feeds
   # [0, 1] pixels) | 'imagenet' (BYOL, MoCo) | 'swav' (std 0.228)
   c.model.input_normalization = 'none'
@@ -153,6 +157,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'dataset.num_shards={config.dataset.num_shards} must be >= 0')
   recipes.check_config(config.augment)
   models.validate_model_config(config.model)
+  _require(config.kernels in cpu_kernels.KERNELS,
+           f'unknown kernels {config.kernels!r}; known: '
+           f"{', '.join(cpu_kernels.KERNELS)}")
   _require(config.head.num_layers >= 0 and config.head.output_dim > 0,
            f'head.num_layers={config.head.num_layers} must be >= 0 and '
            f'head.output_dim={config.head.output_dim} positive')

@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from jaxssl import checkpoint
+from jaxssl import cpu_kernels
 from jaxssl import datasets
 from jaxssl import input_pipeline
 from jaxssl import models
@@ -54,10 +55,23 @@ def encoder_spec(config: ml_collections.ConfigDict, *, num_channels: int,
           'format': 'jaxssl-encoder-v1'}
 
 
-def build_encoder(spec: dict[str, Any]) -> tuple[nn.Module, PyTree]:
-  """Returns `(encoder module, abstract variables)` for an encoder spec."""
-  model_config = ml_collections.ConfigDict(spec['model'])
-  encoder = models.make_encoder(model_config, image_size=spec['image_size'])
+def build_encoder(spec: dict[str, Any], *, kernels: str = 'auto'
+                  ) -> tuple[nn.Module, PyTree]:
+  """Returns `(encoder module, abstract variables)` for an encoder spec.
+
+  Args:
+    spec: an `encoder_spec` (from an export or a training checkpoint).
+    kernels: the ops to run it with (`cpu_kernels.select_factories`); any
+      choice loads any export, as the variables do not depend on it.
+  """
+  model = dict(spec['model'])
+  # Exports written before jaxssl.cpu_kernels carry `conv_impl`, a runtime
+  # choice that no longer belongs to the model; it is ignored.
+  model.pop('conv_impl', None)
+  factories = cpu_kernels.select_factories(kernels)
+  encoder = models.make_encoder(
+      ml_collections.ConfigDict(model), image_size=spec['image_size'],
+      conv=factories.conv, norm=factories.norm)
   shape = (1, spec['image_size'], spec['image_size'], spec['num_channels'])
   abstract = jax.eval_shape(
       functools.partial(encoder.init, train=False), jax.random.key(0),
@@ -67,7 +81,8 @@ def build_encoder(spec: dict[str, Any]) -> tuple[nn.Module, PyTree]:
   return encoder, abstract
 
 
-def load_encoder(source: str, mesh: Mesh, *, prefer_export: bool = True
+def load_encoder(source: str, mesh: Mesh, *, prefer_export: bool = True,
+                 kernels: str = 'auto'
                  ) -> tuple[dict[str, Any], nn.Module, PyTree]:
   """Loads `(spec, encoder, variables)` from an export or a training run.
 
@@ -77,6 +92,7 @@ def load_encoder(source: str, mesh: Mesh, *, prefer_export: bool = True
       latest checkpoint, restored partially).
     mesh: variables are placed replicated on this mesh.
     prefer_export: for a workdir, use its `export/` when there is one.
+    kernels: the ops the returned encoder runs with (`build_encoder`).
   """
   path = epath.Path(source)
   if prefer_export and not (path / 'spec').exists() and (
@@ -85,13 +101,13 @@ def load_encoder(source: str, mesh: Mesh, *, prefer_export: bool = True
   replicated = parallel.replicated(mesh)
   if (path / 'spec').exists():
     spec = checkpoint.read_export_spec(str(path))
-    encoder, abstract = build_encoder(spec)
+    encoder, abstract = build_encoder(spec, kernels=kernels)
     variables = checkpoint.load_exported_variables(
         str(path), checkpoint.abstract_with_sharding(abstract, replicated))
     return spec, encoder, variables
   step, meta = checkpoint.read_training_meta(source)
   spec = dict(meta['encoder_spec'], step=step)
-  encoder, abstract = build_encoder(spec)
+  encoder, abstract = build_encoder(spec, kernels=kernels)
   variables = checkpoint.restore_encoder_from_training(
       source, step, checkpoint.abstract_with_sharding(abstract, replicated))
   return spec, encoder, variables
@@ -258,7 +274,8 @@ def run(config: ml_collections.ConfigDict, source: str, mesh: Mesh,
     `{'encoder': {...}, 'random_init': {...} or None, 'spec': {...}}`.
   """
   check_eval_config(config, mesh)
-  spec, encoder, variables = load_encoder(source, mesh)
+  spec, encoder, variables = load_encoder(source, mesh,
+                                          kernels=config.kernels)
   if spec['image_size'] != config.dataset.image_size:
     raise ValueError(
         f'the encoder was trained at image_size={spec["image_size"]} but '

@@ -1,13 +1,17 @@
-"""Process-level settings applied once by the entry points, before any work.
+"""Process-level settings, applied by the entry points and the trainer.
 
-- TensorFlow (used for input only) prints C++ banners unless told before it
-  is imported.
-- glibc returns large freed blocks to the OS (mmap'd allocations, heap
-  trimming); XLA's CPU runtime allocates fresh temporaries every step, so
-  each step then page-faults its buffers back in: about 15% of a small-CNN
-  step on a 2-core CPU (docs/benchmarks.md). Keeping freed memory in the
-  process removes that, at the cost of a higher resident peak. It is skipped
-  where glibc is not the allocator, and `JAXSSL_TUNE_MALLOC=0` turns it off.
+- `configure_process` (entry points, before any import of TensorFlow):
+  TensorFlow, used for input only, prints C++ banners unless told first.
+- `tune_malloc` (the trainer, only when it runs the CPU kernels on a CPU
+  backend, `jaxssl.cpu_kernels`): glibc returns large freed blocks to the
+  OS (mmap'd allocations, heap trimming); XLA's CPU runtime allocates fresh
+  temporaries every step, which then page-fault back in. Keeping freed
+  memory in the process made the quickstart step faster in every
+  interleaved pair measured (docs/benchmarks.md, "glibc malloc tuning"),
+  at the cost of a higher resident peak. It was not measured on TPU or GPU
+  hosts, whose step memory is on the device, so it is not applied there.
+  It is skipped where glibc is not the allocator; `JAXSSL_TUNE_MALLOC=0`
+  turns it off.
 """
 
 import ctypes
@@ -39,6 +43,5 @@ def tune_malloc() -> bool:
 
 
 def configure_process() -> None:
-  """Quiet TensorFlow's C++ logs and tune malloc; call before other imports."""
+  """Quiets TensorFlow's C++ logs; call before importing TensorFlow."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  tune_malloc()

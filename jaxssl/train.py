@@ -15,6 +15,7 @@ from etils import epath
 
 from jaxssl import checkpoint
 from jaxssl import config_schema
+from jaxssl import cpu_kernels
 from jaxssl import datasets
 from jaxssl import distributed
 from jaxssl import evaluate
@@ -24,6 +25,7 @@ from jaxssl import models
 from jaxssl import optim
 from jaxssl import parallel
 from jaxssl import reporting
+from jaxssl import runtime
 from jaxssl import steps
 
 @dataclasses.dataclass
@@ -38,6 +40,7 @@ class Setup:
   init_fn: Any  # jitted () -> TrainState, replicated
   train_step: Any  # jitted (state, batch) -> (state, metrics), state donated
   resolved: dict[str, Any]  # every 'auto'/0 sentinel's value in this run
+  factories: cpu_kernels.Factories  # the encoders' ops, picked once
 
 
 def total_train_steps(config: ml_collections.ConfigDict,
@@ -66,11 +69,18 @@ def setup(config: ml_collections.ConfigDict,
   steps_per_epoch = input_pipeline.steps_per_epoch(
       config, info.num_train_examples)
   total_steps = total_train_steps(config, steps_per_epoch)
+  # Picked once per process (the process's device count, not the mesh's:
+  # simulated devices share the cores whichever of them the mesh uses).
+  factories = cpu_kernels.select_factories(config.kernels)
+  if factories.name == 'cpu' and runtime.tune_malloc():
+    # Measured to help only there (jaxssl/runtime.py).
+    factories = factories._replace(
+        reason=f'{factories.reason}; glibc malloc keeps freed memory')
   run_info = methods.RunInfo.for_config(
       config, mesh=mesh, num_channels=info.image_shape[-1],
       steps_per_epoch=steps_per_epoch, total_steps=total_steps,
       num_classes=info.num_classes,
-      num_train_examples=info.num_train_examples)
+      num_train_examples=info.num_train_examples, factories=factories)
   method = methods.get_method_class(config.method)(config, run_info)
   schedule = optim.make_schedule(
       config.optim, global_batch_size=config.global_batch_size,
@@ -86,7 +96,8 @@ def setup(config: ml_collections.ConfigDict,
                        donate_argnames='state',
                        out_shardings=(replicated, replicated))
   return Setup(config, mesh, info, method, steps_per_epoch, total_steps,
-               init_fn, train_step, resolved_values(config, method, run_info))
+               init_fn, train_step, resolved_values(config, method, run_info),
+               factories)
 
 
 def resolved_values(config: ml_collections.ConfigDict, method: methods.Method,
@@ -95,7 +106,6 @@ def resolved_values(config: ml_collections.ConfigDict, method: methods.Method,
 
   Printed at start (`resolved: k=v, ...`) and saved in the checkpoint
   metadata (`meta['resolved']`), so a run records the values it used.
-  The convolution implementation is added by whoever picks it (`conv`).
   """
   values = {
       'steps_per_epoch': run_info.steps_per_epoch,
@@ -105,8 +115,8 @@ def resolved_values(config: ml_collections.ConfigDict, method: methods.Method,
       'model.stem': _resolved_stem(config.model.stem, run_info.image_size),
       'num_devices': run_info.num_devices,
   }
-  if run_info.conv is not None:
-    values['conv'] = getattr(run_info.conv, '__name__', repr(run_info.conv))
+  if run_info.factories is not None:
+    values['kernels'] = run_info.factories.name
   values.update(method.resolved())
   return values
 
@@ -203,8 +213,8 @@ def train(s: Setup, workdir: str):
     print(f'{config.method}: {s.total_steps} steps ({s.steps_per_epoch} per '
           f'epoch) at global batch {config.global_batch_size} on '
           f'{s.mesh.devices.size} devices, {jax.process_count()} process(es); '
-          f'{"resuming from step " + str(start) if start else "from scratch"}',
-          flush=True)
+          f'{"resuming from step " + str(start) if start else "from scratch"}'
+          f'; {s.factories.describe()}', flush=True)
     print(resolved_line(s.resolved), flush=True)
   if start >= s.total_steps:
     return state

@@ -54,7 +54,7 @@ def test_peak_json_reports_positive_flops():
 def step_report():
   """One `step --json` run: batch 8 of simclr_tiny on 1 and 2 devices."""
   proc = bench('step', '--json', '--config', TINY, '--batch', '8',
-               '--devices', '1', '2', '--conv-impls', 'xla', '--steps', '2',
+               '--devices', '1', '2', '--kernels', 'xla', '--steps', '2',
                '--warmup', '0', '--peak-size', '128')
   assert proc.returncode == 0, proc.stderr[-2000:]
   return json.loads(proc.stdout)
@@ -149,7 +149,7 @@ def test_analytic_flops_match_xla_on_resnet18(mesh1):
   taps: about 2% fewer MACs over this trunk, 15% at 32 px), and adds
   BatchNorm, ReLU, loss and LARS elementwise work (about 1%).
   """
-  config = harness.load_config(CIFAR, batch=8, conv_impl='xla',
+  config = harness.load_config(CIFAR, batch=8, kernels='xla',
                                overrides=['dataset.image_size=256'])
   s = harness.synthetic_setup(config, mesh1)
   state = jax.eval_shape(s.init_fn)

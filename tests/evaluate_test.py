@@ -56,6 +56,45 @@ def test_export_round_trip_and_spec(tmp_path, mesh8):
   assert leaf.sharding.is_equivalent_to(parallel.replicated(mesh8), leaf.ndim)
 
 
+@pytest.mark.parametrize('export_with,load_with', [('cpu', 'xla'),
+                                                   ('xla', 'cpu')])
+def test_export_loads_and_runs_with_the_other_kernels(tmp_path, mesh1,
+                                                      export_with, load_with):
+  config = load_config('simclr_tiny')
+  spec = evaluate.encoder_spec(config, num_channels=1, step=3)
+  assert 'conv_impl' not in spec['model'] and 'kernels' not in spec['model']
+  encoder, _ = evaluate.build_encoder(spec, kernels=export_with)
+  size = spec['image_size']
+  x = np.random.default_rng(0).random((8, size, size, 1)).astype(np.float32)
+  variables = evaluate.random_encoder_variables(encoder, spec, 3, mesh1)
+  # Non-trivial running statistics: one training-mode pass updates them.
+  _, updates = encoder.apply(variables, x, train=True,
+                             mutable=['batch_stats'])
+  variables = dict(variables, batch_stats=updates['batch_stats'])
+  checkpoint.export_encoder(str(tmp_path / 'export'), variables, spec)
+  _, loaded_encoder, loaded = evaluate.load_encoder(
+      str(tmp_path / 'export'), mesh1, kernels=load_with)
+  assert loaded_encoder.conv is not encoder.conv  # the other implementation
+  np.testing.assert_allclose(
+      loaded_encoder.apply(loaded, x, train=False),
+      encoder.apply(variables, x, train=False), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      loaded_encoder.apply(loaded, x, train=True, mutable=['batch_stats'])[0],
+      encoder.apply(variables, x, train=True, mutable=['batch_stats'])[0],
+      rtol=1e-5, atol=1e-5)
+
+
+def test_old_spec_with_conv_impl_builds_the_same_encoder():
+  spec = evaluate.encoder_spec(load_config('simclr_tiny'), num_channels=1,
+                               step=0)
+  old = dict(spec, model=dict(spec['model'], conv_impl='im2col'))
+  (new_encoder, new_abstract), (old_encoder, old_abstract) = (
+      evaluate.build_encoder(spec), evaluate.build_encoder(old))
+  assert old_encoder == new_encoder
+  assert jax.tree.map(lambda a: a.shape, old_abstract) == jax.tree.map(
+      lambda a: a.shape, new_abstract)
+
+
 def test_missing_export_gives_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match='no checkpoints under'):
     evaluate.load_encoder(str(tmp_path / 'nothing'), parallel.make_mesh())

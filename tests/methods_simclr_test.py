@@ -9,8 +9,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from helpers import make_method, load_config
+from jaxssl import cpu_kernels
 from jaxssl import methods
 from jaxssl.methods import common
+from jaxssl.models import layers
 
 
 def _reference_official_loss(z1, z2, temperature):
@@ -127,13 +129,15 @@ def test_embedding_std_detects_collapse():
   assert common.embedding_std(collapsed) < 1e-6
 
 
-def test_encoder_convs_follow_the_device_count_of_this_process(
-    mesh1, mesh8, monkeypatch):
-  # conv_impl='auto' on CPU: XLA's convs in this 8-device process, for the
-  # 8-device mesh and its 1-device twin alike; matmul products when the
-  # process has one device.
-  (_, m1), (_, m8) = _method(mesh1), _method(mesh8)
-  assert m1.config.model.conv_impl == m8.config.model.conv_impl == 'auto'
-  assert m1.net.encoder.conv_impl == m8.net.encoder.conv_impl == 'xla'
-  monkeypatch.setattr(jax, 'local_device_count', lambda: 1)
-  assert _method(mesh1)[1].net.encoder.conv_impl == 'auto'
+def test_encoder_takes_the_trainers_factories(mesh1):
+  # The trainer picks the encoder's ops once (cpu_kernels.select_factories)
+  # and hands them over; without them a method builds XLA's ops.
+  assert _method(mesh1)[1].net.encoder.conv is layers.Conv
+  config = load_config('simclr_tiny')
+  cpu = cpu_kernels.select_factories('cpu')
+  method = methods.get_method_class('simclr')(
+      config, methods.RunInfo.for_config(
+          config, mesh=mesh1, num_channels=1, steps_per_epoch=64,
+          total_steps=8, factories=cpu))
+  assert (method.net.encoder.conv, method.net.encoder.norm) == (cpu.conv,
+                                                                cpu.norm)

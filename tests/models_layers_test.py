@@ -1,6 +1,7 @@
 """Tests for jaxssl.models.layers: Conv padding/init and BatchNorm semantics.
 
-Expected values come from float64 numpy implementations of the textbook
+The padding test also runs `cpu_kernels.CpuConv`, which must match
+`layers.Conv`. Expected values come from float64 numpy implementations of the textbook
 formulas (cross-correlation with explicit padding; batch normalisation with
 biased variance), never from the code under test.
 """
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxssl import cpu_kernels
 from jaxssl.models import layers
 
 # RBG keys: threefry (jax_threefry_partitionable) takes seconds to compile
@@ -47,11 +49,13 @@ _CONV_CASES = [
 ]
 
 
+@pytest.mark.parametrize('conv', [layers.Conv, cpu_kernels.CpuConv])
 @pytest.mark.parametrize('k,stride,side,fixed,same', _CONV_CASES)
-def test_conv_uses_simclr_fixed_padding(k, stride, side, fixed, same):
+def test_conv_uses_simclr_fixed_padding(conv, k, stride, side, fixed, same):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, side, side, 3)).astype(np.float32)
-  module = layers.conv(4, k, stride, name='c', dtype=jnp.float32)
+  module = conv(features=4, kernel_size=k, strides=stride, name='c',
+                dtype=jnp.float32)
   variables = module.init(_KEY, x)
   kernel = variables['params']['kernel']
   out = module.apply(variables, x)
@@ -63,7 +67,8 @@ def test_conv_uses_simclr_fixed_padding(k, stride, side, fixed, same):
 
 def test_conv_param_layout_is_nn_conv_and_bias_free():
   x = jnp.zeros((1, 6, 6, 5))
-  module = layers.conv(7, 3, 2, name='c', dtype=jnp.bfloat16)
+  module = layers.Conv(features=7, kernel_size=3, strides=2, name='c',
+                       dtype=jnp.bfloat16)
   variables = module.init(_KEY, x)
   theirs = jax.eval_shape(
       nn.Conv(7, (3, 3), use_bias=False).init, _KEY, x)
@@ -75,7 +80,8 @@ def test_conv_param_layout_is_nn_conv_and_bias_free():
 
 def test_conv_kernel_init_is_tf1_variance_scaling():
   fan_in = 3 * 3 * 64
-  kernel = layers.conv(64, 3, 1, name='c', dtype=jnp.float32).init(
+  kernel = layers.Conv(features=64, kernel_size=3, name='c',
+                       dtype=jnp.float32).init(
       _KEY, jnp.zeros((1, 4, 4, 64)))['params']['kernel']
   kernel = np.asarray(kernel, np.float64)
   # TF1 truncated normal: the stddev of the result is sqrt(1 / fan_in); it
@@ -93,7 +99,7 @@ def test_conv_rejects_bad_sizes(field, value):
                 dtype=jnp.float32)
   kwargs[field] = value
   with pytest.raises(ValueError, match=f'{field}={value}'):
-    layers.conv(**kwargs).init(_KEY, jnp.zeros((1, 4, 4, 2)))
+    layers.Conv(**kwargs).init(_KEY, jnp.zeros((1, 4, 4, 2)))
 
 
 def _np_batch_norm(x, scale, bias, eps, num_groups):

@@ -13,7 +13,7 @@ _COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 
 
 def load_config(path: str, *, batch: int | None = None,
-                overrides=(), conv_impl: str | None = None):
+                overrides=(), kernels: str | None = None):
   """Loads `path`'s `get_config()` and applies the benchmark overrides.
 
   Args:
@@ -21,7 +21,7 @@ def load_config(path: str, *, batch: int | None = None,
     batch: new `global_batch_size`, or None.
     overrides: `'dotted.key=value'` strings; values are Python literals,
       else strings.
-    conv_impl: new `model.conv_impl`, or None.
+    kernels: new `kernels` (`jaxssl.cpu_kernels.KERNELS`), or None.
 
   Returns:
     The locked, validated config.
@@ -39,8 +39,8 @@ def load_config(path: str, *, batch: int | None = None,
   items = list(overrides)
   if batch is not None:
     items.append(f'global_batch_size={batch}')
-  if conv_impl is not None:
-    items.append(f'model.conv_impl={conv_impl!r}')
+  if kernels is not None:
+    items.append(f'kernels={kernels!r}')
   for item in items:
     key, sep, text = item.partition('=')
     if not sep:

@@ -2,8 +2,8 @@
 
 The step is the trainer's own (`synthetic_setup` builds it as
 `jaxssl.train.setup` does) and is fed one synthetic batch of the config's
-shape, so only compute is measured. Every case (batch x devices x conv
-impl) runs in a fresh subprocess on `--devices` simulated host devices. A
+shape, so only compute is measured. Every case (batch x devices x
+kernels, `jaxssl.cpu_kernels`) runs in a fresh subprocess on `--devices` simulated host devices. A
 case reports:
 - compile time (XLA backend compile during the first call) and first call;
 - the median and min of `--steps` timed steps after `--warmup` steps, each
@@ -22,7 +22,7 @@ case reports:
 
   python -m jaxssl.bench step --config configs/simclr_cifar10.py --batch 64 256
   python -m jaxssl.bench step --config configs/simclr_fashion_mnist.py \\
-      --devices 1 8 --conv-impls auto
+      --devices 1 8 --kernels auto
   python -m jaxssl.bench step --config configs/simclr_tpu.py --batch 8 \\
       --flops-only
 """
@@ -39,7 +39,7 @@ from jaxssl.bench import harness
 from jaxssl.bench import peak as peak_lib
 
 HELP = 'train step: compile, step time, img/s, FLOPs, MFU, memory'
-IMPLS = ('auto', 'im2col', 'xla')
+KERNELS = ('auto', 'cpu', 'xla')  # jaxssl.cpu_kernels.KERNELS
 
 
 def add_arguments(parser) -> None:
@@ -50,8 +50,10 @@ def add_arguments(parser) -> None:
                       help='global batch sizes (default: the config\'s)')
   parser.add_argument('--devices', type=int, nargs='+', default=[1],
                       help='simulated host device counts (default 1)')
-  parser.add_argument('--conv-impls', nargs='+', choices=IMPLS,
-                      default=['auto', 'xla'], help='model.conv_impl values')
+  parser.add_argument('--kernels', nargs='+', choices=KERNELS,
+                      default=['auto', 'xla'],
+                      help='encoder ops (config key kernels): auto, the '
+                      'CPU kernels (cpu) or XLA\'s (xla)')
   parser.add_argument('--steps', type=int, default=5, help='timed steps')
   parser.add_argument('--warmup', type=int, default=1,
                       help='untimed steps after the first call')
@@ -71,10 +73,10 @@ def add_arguments(parser) -> None:
 
 def _model_flops(case: dict, config, mesh, state, batch, lowered) -> float:
   """XLA's FLOPs of the step with plain XLA convs (the model's FLOPs)."""
-  if config.model.conv_impl == 'xla':
+  if config.kernels == 'xla':
     return flops_lib.xla_flops(lowered)
   plain = harness.load_config(case['config'], batch=case['batch'],
-                              overrides=case['set'], conv_impl='xla')
+                              overrides=case['set'], kernels='xla')
   step_fn = harness.synthetic_setup(plain, mesh).train_step
   return flops_lib.xla_flops(step_fn.lower(state, batch))
 
@@ -83,7 +85,8 @@ def prepare(case: dict):
   """Builds the step of `case`, its state and batch, and counts its FLOPs.
 
   Args:
-    case: `{'config', 'batch', 'devices', 'impl', 'set'}` as in `run`.
+    case: `{'config', 'batch', 'devices', 'impl', 'set'}` as in `run`;
+      'impl' is the `kernels` choice.
 
   Returns:
     `(setup, state, batch, facts)`: facts is a JSON-able dict with the
@@ -92,9 +95,8 @@ def prepare(case: dict):
   """
   import jax  # pylint: disable=g-import-not-at-top
   from jaxssl import parallel  # pylint: disable=g-import-not-at-top
-  from jaxssl.models import fastconv  # pylint: disable=g-import-not-at-top
   config = harness.load_config(case['config'], batch=case['batch'],
-                               overrides=case['set'], conv_impl=case['impl'])
+                               overrides=case['set'], kernels=case['impl'])
   if jax.device_count() < case['devices']:
     raise ValueError(f'devices={case["devices"]} but jax sees '
                      f'{jax.device_count()}; on a CPU set XLA_FLAGS='
@@ -108,8 +110,7 @@ def prepare(case: dict):
            'views_per_image': config.augment.num_views,
            'image_shape': [config.dataset.image_size] * 2 + [channels],
            'encoder': config.model.encoder, 'dtype': config.model.dtype,
-           'conv_impl_resolved': fastconv.impl_for_devices(
-               config.model.conv_impl, jax.local_device_count())}
+           'kernels_resolved': s.factories.name}
   state = s.init_fn()
   batch = harness.synthetic_batch(config, channels, mesh)
   start = time.perf_counter()
@@ -225,7 +226,7 @@ def run(args) -> dict:
   cases = []
   for batch in args.batch or [None]:
     for devices in args.devices:
-      for impl in args.conv_impls:
+      for impl in args.kernels:
         case = {'config': args.config, 'batch': batch, 'devices': devices,
                 'impl': impl, 'set': args.set, 'steps': args.steps,
                 'warmup': args.warmup, 'flops_only': args.flops_only,
@@ -251,8 +252,8 @@ def _percent(c: dict, key: str) -> str:
 
 def _case_row(c: dict) -> str:
   conv = c['impl']
-  if c.get('conv_impl_resolved', conv) != conv:
-    conv = f'{conv} (= {c["conv_impl_resolved"]})'
+  if c.get('kernels_resolved', conv) != conv:
+    conv = f'{conv} (= {c["kernels_resolved"]})'
   head = (f'| {c.get("global_batch_size", c["batch"])} | {c["devices"]} | '
           f'{conv} |')
   if c['status'] != 'ok':

@@ -16,13 +16,14 @@ bank, cluster assignments) is a `[num_train_examples, ...]` array in
 
 import abc
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import ml_collections
 from jax.sharding import Mesh
 
+from jaxssl import cpu_kernels
 from jaxssl import models
 from jaxssl.methods import common
 
@@ -43,8 +44,8 @@ class RunInfo:
     num_train_examples: size of the train split (per-example tables).
     steps_per_epoch: optimizer steps per epoch (schedules in epochs).
     total_steps: optimizer steps of the whole run.
-    conv: None, or a flax-style convolution factory picked once outside
-      the model (the backend hook; None = the encoder's default).
+    factories: the encoders' conv and norm factories, picked once by the
+      trainer (`cpu_kernels.select_factories`); None: XLA's ops.
   """
   mesh: Mesh
   global_batch_size: int
@@ -54,7 +55,7 @@ class RunInfo:
   num_train_examples: int
   steps_per_epoch: int
   total_steps: int
-  conv: Callable | None = None
+  factories: cpu_kernels.Factories | None = None
 
   @property
   def num_devices(self) -> int:
@@ -64,14 +65,15 @@ class RunInfo:
   def for_config(cls, config: ml_collections.ConfigDict, *, mesh: Mesh,
                  num_channels: int, steps_per_epoch: int, total_steps: int,
                  num_classes: int = 0, num_train_examples: int = 0,
-                 conv: Callable | None = None) -> 'RunInfo':
+                 factories: cpu_kernels.Factories | None = None
+                 ) -> 'RunInfo':
     """A RunInfo taking the batch and image size from `config`."""
     return cls(mesh=mesh, global_batch_size=config.global_batch_size,
                image_size=config.dataset.image_size,
                num_channels=num_channels, num_classes=num_classes,
                num_train_examples=num_train_examples,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               conv=conv)
+               factories=factories)
 
 
 class Aux(NamedTuple):
@@ -113,6 +115,7 @@ class Method(abc.ABC):
     self.image_size = run.image_size
     self.steps_per_epoch = run.steps_per_epoch
     self.total_steps = run.total_steps
+    self.factories = run.factories
     self.ema: common.EmaTarget | None = None
 
   @classmethod
@@ -122,9 +125,11 @@ class Method(abc.ABC):
             + (('index',) if cls.needs_example_index else ()))
 
   def make_encoder(self, *, bn_groups: int = 1):
-    """`models.make_encoder` for this run's images."""
+    """`models.make_encoder` for this run's images and `factories`."""
+    layers = {} if self.factories is None else {
+        'conv': self.factories.conv, 'norm': self.factories.norm}
     return models.make_encoder(self.config.model, image_size=self.image_size,
-                               bn_groups=bn_groups)
+                               bn_groups=bn_groups, **layers)
 
   def head_hidden_dim(self) -> int:
     """`head.hidden_dim`, or the encoder's feature dimension if 0."""

@@ -12,13 +12,14 @@ features `[B, feature_dim(config.model)]`. Config keys read:
   bn_momentum        BatchNorm running-average decay (0.9)
   bn_epsilon         BatchNorm epsilon (1e-5)
   zero_init_residual gamma = 0 in the last BN of each residual block; ResNets
-  conv_impl          'auto' | 'im2col' | 'xla' (see `fastconv.conv2d`;
-                     'auto' is 'xla' for several CPU devices in a process,
-                     `fastconv.impl_for_devices`)
   input_normalization 'none' | 'imagenet' | 'swav': (x - mean) / std as the
                      encoder's first op (`INPUT_NORMALIZATIONS`)
 
-`validate_model_config` checks them all at startup; `compute_dtype` gives the
+The convolution and BatchNorm implementations are not part of the model
+config: `make_encoder` takes them as `conv=` / `norm=` factories (plain XLA
+ops by default); `jaxssl.cpu_kernels.select_factories` picks faster CPU ones
+outside the model, with the same parameters. `validate_model_config` checks
+the keys at startup; `compute_dtype` gives the
 dtype that heads should compute in; heads live in `jaxssl.models.heads`.
 """
 
@@ -30,13 +31,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxssl.models import fastconv, heads, layers, resnet, small
+from jaxssl.models import heads, layers, resnet, small
 from jaxssl.models.heads import (MLPHead, Prototypes, ProjectionHead,
                                  normalize_prototypes)
-from jaxssl.models.layers import BatchNorm, Conv, conv, dtype_from_name
+from jaxssl.models.layers import BatchNorm, Conv, dtype_from_name
 
-# name -> builder(model_config, *, cifar_stem, bn_groups) -> nn.Module. Each
-# module exposes `feature_dim` and `min_image_size`.
+# name -> builder(model_config, *, cifar_stem, bn_groups, conv, norm) ->
+# nn.Module. Each module exposes `feature_dim` and `min_image_size`.
 ENCODERS: dict[str, Callable[..., nn.Module]] = {
     'resnet18': functools.partial(resnet.build_resnet, 18),
     'resnet34': functools.partial(resnet.build_resnet, 34),
@@ -76,9 +77,6 @@ def validate_model_config(model_config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'unknown model.stem {model_config.stem!r}; known: '
                      f"{', '.join(STEMS)}")
   layers.dtype_from_name(model_config.dtype)
-  if model_config.conv_impl not in fastconv.IMPLS:
-    raise ValueError(f'unknown model.conv_impl {model_config.conv_impl!r}; '
-                     f"known: {', '.join(fastconv.IMPLS)}")
   if not 0.0 <= model_config.bn_momentum < 1.0:
     raise ValueError(f'model.bn_momentum={model_config.bn_momentum!r} must '
                      'be in [0, 1)')
@@ -146,8 +144,8 @@ class NormalizedEncoder(nn.Module):
 
 
 def make_encoder(model_config: ml_collections.ConfigDict, *, image_size: int,
-                 bn_groups: int = 1,
-                 local_devices: int | None = None) -> nn.Module:
+                 bn_groups: int = 1, conv: layers.ModuleDef = layers.Conv,
+                 norm: layers.ModuleDef = layers.BatchNorm) -> nn.Module:
   """Builds the encoder named by `model_config.encoder`.
 
   Args:
@@ -158,10 +156,9 @@ def make_encoder(model_config: ml_collections.ConfigDict, *, image_size: int,
     bn_groups: BatchNorm statistics groups; 1 = global batch statistics,
       G = separate statistics for G contiguous slices of the batch (MoCo v2
       shuffle-BN with G = devices, SwAV per-node BN).
-    local_devices: devices of this process, by default
-      `jax.local_device_count()`; picks the convolution of
-      `conv_impl='auto'` (`fastconv.impl_for_devices`), for training and
-      evaluation alike.
+    conv: convolution factory: `layers.Conv` or a subclass with the same
+      fields and parameters (`jaxssl.cpu_kernels.select_factories`).
+    norm: BatchNorm factory: `layers.BatchNorm` or such a subclass.
 
   Returns:
     An unbound Linen module; `encoder(x, train)` maps `[B, H, W, C]` float
@@ -181,14 +178,9 @@ def make_encoder(model_config: ml_collections.ConfigDict, *, image_size: int,
     cifar_stem = image_size <= CIFAR_STEM_MAX_IMAGE_SIZE
   else:
     cifar_stem = model_config.stem == 'cifar'
-  if local_devices is None:
-    local_devices = jax.local_device_count()
-  conv_impl = fastconv.impl_for_devices(model_config.conv_impl, local_devices)
-  if conv_impl != model_config.conv_impl:
-    model_config = ml_collections.ConfigDict(model_config.to_dict())
-    model_config.conv_impl = conv_impl
   encoder = ENCODERS[model_config.encoder](
-      model_config, cifar_stem=cifar_stem, bn_groups=bn_groups)
+      model_config, cifar_stem=cifar_stem, bn_groups=bn_groups, conv=conv,
+      norm=norm)
   if image_size < encoder.min_image_size:
     raise ValueError(
         f'image_size={image_size} is too small for encoder '
@@ -232,7 +224,7 @@ def compute_dtype(model_config: ml_collections.ConfigDict) -> Any:
 __all__ = [
     'ENCODERS', 'INPUT_NORMALIZATIONS', 'STEMS', 'BatchNorm', 'Conv',
     'MLPHead', 'NormalizedEncoder', 'ProjectionHead', 'Prototypes',
-    'compute_dtype', 'conv', 'dtype_from_name', 'feature_dim', 'heads',
+    'compute_dtype', 'dtype_from_name', 'feature_dim', 'heads',
     'input_statistics', 'layers', 'make_encoder', 'normalize_prototypes',
     'resnet', 'small', 'validate_model_config',
 ]

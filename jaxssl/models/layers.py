@@ -1,14 +1,15 @@
 """Building blocks shared by every encoder and head: conv, BatchNorm, inits.
 
-Every convolution of every encoder is built by `conv`, so a faster
-platform-specific convolution can be swapped in at one place. `BatchNorm`
-runs in the global view: under `jax.jit` on a batch sharded over the `'data'`
-mesh axis its statistics are those of the whole global batch (exact
-cross-replica BN, as SimCLR's `global_bn`, BYOL's `cross_replica_axis` and
-MoCo v3's SyncBN), and `num_groups` gives per-group statistics (MoCo v2
-shuffle-BN, SwAV's per-node SyncBN) without any collective. On a CPU
-backend its training-mode gradient is `fused_norm`'s hand-written VJP, with
-a block's residual add and ReLU fused in (`BatchNorm.impl`).
+Encoders take their convolution and BatchNorm as flax-style factories
+(`conv=Conv`, `norm=BatchNorm` by default, as flax's examples/imagenet
+ResNet), so a platform-specific implementation with the same parameters
+(`jaxssl.cpu_kernels`) is swapped in from outside the model; this module
+has no backend check. `BatchNorm` runs in the global view: under `jax.jit`
+on a batch sharded over the `'data'` mesh axis its statistics are those of
+the whole global batch (exact cross-replica BN, as SimCLR's `global_bn`,
+BYOL's `cross_replica_axis` and MoCo v3's SyncBN), and `num_groups` gives
+per-group statistics (MoCo v2 shuffle-BN, SwAV's per-node SyncBN) without
+any collective.
 
 Parameters are always float32; `dtype` is the compute dtype. Naming rule
 relied on by `jaxssl.optim`: every BatchNorm submodule has 'bn' or 'norm' in
@@ -21,15 +22,14 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from jaxssl.models import fastconv, fused_norm
+from jax import lax
 
 Initializer = Callable[..., jax.Array]
+# A flax-style module factory: a Module class or a `functools.partial` of one.
+ModuleDef = Any
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-# `BatchNorm.impl`: 'auto' is 'fused' for float32 on a CPU backend, else
-# 'autodiff' (TPU and GPU keep JAX's autodiff).
-BN_IMPLS = ('auto', 'fused', 'autodiff')
+_CONV_DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 
 # TF1 `tf.variance_scaling_initializer()`: scale 1, fan_in, truncated normal
 # (stddev corrected for the truncation), the init of SimCLR's convolutions.
@@ -75,6 +75,8 @@ class Conv(nn.Module):
   Stride 1 pads 'SAME'; stride > 1 pads (k-1)//2 before and the rest after,
   then convolves 'VALID' (SimCLR's `conv2d_fixed_padding`). The parameter
   layout is `nn.Conv`'s: one `kernel` of shape `[k, k, in, out]`, float32.
+  The product is `lax.conv_general_dilated`; a subclass may override
+  `convolve` (same values, same parameters), e.g. `cpu_kernels.CpuConv`.
 
   Attributes:
     features: output channels.
@@ -82,9 +84,6 @@ class Conv(nn.Module):
     strides: stride along height and width.
     dtype: compute dtype; the input and the kernel are cast to it.
     kernel_init: kernel initializer.
-    impl: `fastconv.conv2d` implementation: 'auto' (im2col matmuls or
-      Winograd on CPU, `lax.conv_general_dilated` on TPU/GPU), 'im2col' or
-      'xla'.
 
   References:
     google-research/simclr `resnet.py:conv2d_fixed_padding`.
@@ -94,7 +93,6 @@ class Conv(nn.Module):
   strides: int = 1
   dtype: Any = jnp.float32
   kernel_init: Initializer = conv_kernel_init
-  impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -117,31 +115,13 @@ class Conv(nn.Module):
     kernel = self.param('kernel', self.kernel_init,
                         (k, k, x.shape[-1], self.features), jnp.float32)
     padding = _fixed_padding(k)
-    return fastconv.conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
-                           strides=self.strides, padding=(padding, padding),
-                           impl=self.impl)
+    return self.convolve(x.astype(self.dtype), kernel.astype(self.dtype),
+                         (padding, padding))
 
-
-def conv(features: int, kernel_size: int, strides: int = 1, *, name: str,
-         dtype: Any, kernel_init: Initializer = conv_kernel_init,
-         impl: str = 'auto') -> nn.Module:
-  """Builds the convolution every encoder uses (the one plug-in point).
-
-  Args:
-    features: output channels.
-    kernel_size: side of the square kernel.
-    strides: stride along height and width.
-    name: submodule name; must not contain 'bn' or 'norm'.
-    dtype: compute dtype.
-    kernel_init: kernel initializer (TF1 variance scaling by default).
-    impl: convolution implementation (`Conv.impl`).
-
-  Returns:
-    A Linen module mapping `[B, H, W, C]` to `[B, H', W', features]`, with a
-    single float32 `kernel` param of shape `[k, k, C, features]`.
-  """
-  return Conv(features=features, kernel_size=kernel_size, strides=strides,
-              dtype=dtype, kernel_init=kernel_init, impl=impl, name=name)
+  def convolve(self, x: jax.Array, kernel: jax.Array, pads) -> jax.Array:
+    """`x [B, H, W, C]` * `kernel [k, k, C, features]`, explicit `pads`."""
+    return lax.conv_general_dilated(x, kernel, (self.strides,) * 2, pads,
+                                    dimension_numbers=_CONV_DIMENSIONS)
 
 
 class BatchNorm(nn.Module):
@@ -179,10 +159,6 @@ class BatchNorm(nn.Module):
     scale_init: initializer of gamma (zeros for zero-init residual blocks).
     bias_init: initializer of beta.
     dtype: output dtype.
-    impl: training-mode gradient (`BN_IMPLS`): 'fused' is
-      `fused_norm.normalize`'s hand-written VJP (float32 only; the residual
-      add and ReLU fused in), 'autodiff' is JAX's autodiff of the same
-      forward, 'auto' picks 'fused' for float32 on a CPU backend.
 
   References:
     Ioffe & Szegedy, 2015; google-research/simclr `resnet.py` (global_bn);
@@ -197,7 +173,6 @@ class BatchNorm(nn.Module):
   scale_init: Initializer = nn.initializers.ones
   bias_init: Initializer = nn.initializers.zeros
   dtype: Any = jnp.float32
-  impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool,
@@ -219,9 +194,6 @@ class BatchNorm(nn.Module):
       raise ValueError(
           f'BatchNorm num_groups={self.num_groups!r} must be a positive '
           'integer')
-    if self.impl not in BN_IMPLS:
-      raise ValueError(f'BatchNorm impl={self.impl!r}; known: '
-                       f"{', '.join(BN_IMPLS)}")
     if residual is not None and residual.shape != x.shape:
       raise ValueError(f'BatchNorm residual shape {residual.shape} differs '
                        f'from the input shape {x.shape}')
@@ -239,36 +211,83 @@ class BatchNorm(nn.Module):
           f'BatchNorm batch size {x.shape[0]} is not divisible by '
           f'num_groups={self.num_groups}; use a batch that is a multiple of '
           'it')
-    if train and self._use_fused(x, residual):
-      y, mean, var = fused_norm.normalize(
-          x.astype(jnp.float32),
-          jnp.ones((features,)) if scale is None else scale,
-          jnp.zeros((features,)) if bias is None else bias,
-          num_groups=self.num_groups, epsilon=self.epsilon,
-          residual=None if residual is None else residual.astype(
-              jnp.float32), relu=relu)
-      y = y.astype(self.dtype)
+    if train:
+      mean, var = group_statistics(x.astype(jnp.float32), self.num_groups)
     else:
-      if train:
-        mean, var = fused_norm.group_statistics(x.astype(jnp.float32),
-                                                self.num_groups)
-      else:
-        mean, var = ra_mean.value[None], ra_var.value[None]
-      y = fused_norm.affine(x, mean, var, scale, bias,
-                            self.epsilon).astype(self.dtype)
-      if residual is not None:
-        y = y + residual
-      if relu:
-        y = nn.relu(y)
+      mean, var = ra_mean.value[None], ra_var.value[None]
+    y = affine(x, mean, var, scale, bias, self.epsilon).astype(self.dtype)
+    if residual is not None:
+      y = y + residual
+    if relu:
+      y = nn.relu(y)
     if train and not self.is_initializing():
       m = self.momentum
       ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(0)
       ra_var.value = m * ra_var.value + (1 - m) * var.mean(0)
     return y
 
-  def _use_fused(self, x: jax.Array, residual: jax.Array | None) -> bool:
-    if self.impl != 'auto':
-      return self.impl == 'fused'
-    float32 = all(a is None or a.dtype == jnp.float32
-                  for a in (x, residual)) and self.dtype == jnp.float32
-    return float32 and jax.default_backend() == 'cpu'
+
+def _grouped(x: jax.Array, num_groups: int) -> jax.Array:
+  """`[B, ..., C]` -> `[G, B * ... / G, C]` (a view)."""
+  return x.reshape(num_groups, -1, x.shape[-1])
+
+
+def group_sum(x: jax.Array) -> jax.Array:
+  """`[G, M, C]` -> `[G, C]`, the sum over M.
+
+  With G = 1 the sum is taken over a 2-D `[M, C]`: XLA:CPU hands both forms
+  to YNNPACK, whose reduction over the middle axis of `[1, M, C]` ran the
+  ResNet-18 stage-1 BN backward 5x slower (docs/benchmarks.md).
+  """
+  if x.shape[0] == 1:
+    return x.reshape(x.shape[1:]).sum(0)[None]
+  return x.sum(1)
+
+
+def group_statistics(x: jax.Array,
+                     num_groups: int) -> tuple[jax.Array, jax.Array]:
+  """BatchNorm's per-group batch statistics.
+
+  Args:
+    x: `[batch, ..., C]` float32, the global batch; `num_groups` must
+      divide the batch (checked by the caller).
+    num_groups: contiguous batch slices with separate statistics.
+
+  Returns:
+    `(mean, var)`, each `[num_groups, C]`: the biased variance as
+    E[x^2] - E[x]^2 (one fused reduction, as `nn.BatchNorm`), clipped at 0
+    where it rounds below.
+  """
+  xg = _grouped(x, num_groups)
+  count = xg.shape[1]
+  mean = group_sum(xg) / count
+  var = jnp.maximum(0.0, group_sum(jnp.square(xg)) / count
+                    - jnp.square(mean))
+  return mean, var
+
+
+def affine(x: jax.Array, mean: jax.Array, var: jax.Array,
+           scale: jax.Array | None, bias: jax.Array | None,
+           epsilon: float) -> jax.Array:
+  """`(x - mean) * rsqrt(var + eps) * scale + bias`, per group.
+
+  Args:
+    x: `[batch, ..., C]`, any float dtype; computed in float32.
+    mean: `[G, C]` statistics of `G` contiguous batch groups (batch or
+      running averages; G divides the batch).
+    var: `[G, C]`, likewise.
+    scale: `[C]` gamma, or None for none.
+    bias: `[C]` beta, or None for none.
+    epsilon: added to the variance.
+
+  Returns:
+    float32, shaped like `x`.
+  """
+  mul = lax.rsqrt(var + epsilon)
+  if scale is not None:
+    mul = mul * scale
+  y = (_grouped(x.astype(jnp.float32), mean.shape[0]) - mean[:, None]
+       ) * mul[:, None]
+  if bias is not None:
+    y = y + bias
+  return y.reshape(x.shape)

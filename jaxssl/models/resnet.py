@@ -4,8 +4,9 @@ Bottleneck blocks put the stride on the 3x3 conv (v1.5); basic blocks serve
 ResNet-18/34. `width_multiplier` scales every channel count, the stem
 included. The CIFAR stem (3x3 stride-1 conv, no max-pool) replaces the
 ImageNet stem (7x7 stride-2 conv, 3x3 stride-2 max-pool) for small images.
-Convs have no bias and go through `layers.conv`; every BatchNorm is a
-`layers.BatchNorm` (global statistics, optional groups). The output is the
+Convs have no bias and are built by the `conv` factory, every BatchNorm by
+the `norm` factory (`layers.Conv` and `layers.BatchNorm` by default: global
+statistics, optional groups), as in flax's examples/imagenet ResNet. The output is the
 global average pool, in float32, without any classifier.
 
 One deliberate difference from SimCLR's `block_group`: the projection
@@ -35,12 +36,18 @@ class _Block(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   bn_groups: int = 1
-  conv_impl: str = 'auto'
+  conv: layers.ModuleDef = layers.Conv
+  norm: layers.ModuleDef = layers.BatchNorm
+
+  def _conv(self, features: int, kernel_size: int, strides: int,
+            name: str) -> nn.Module:
+    return self.conv(features=features, kernel_size=kernel_size,
+                     strides=strides, dtype=self.dtype, name=name)
 
   def _norm(self, name: str, zero_init: bool = False) -> nn.Module:
     scale_init = (nn.initializers.zeros if zero_init and
                   self.zero_init_residual else nn.initializers.ones)
-    return layers.BatchNorm(
+    return self.norm(
         momentum=self.bn_momentum, epsilon=self.bn_epsilon,
         num_groups=self.bn_groups, scale_init=scale_init, dtype=self.dtype,
         name=name)
@@ -49,8 +56,7 @@ class _Block(nn.Module):
                 train: bool) -> jax.Array:
     if self.strides == 1 and x.shape[-1] == out_features:
       return x
-    x = layers.conv(out_features, 1, self.strides, name='shortcut_conv',
-                    dtype=self.dtype, impl=self.conv_impl)(x)
+    x = self._conv(out_features, 1, self.strides, 'shortcut_conv')(x)
     return self._norm('shortcut_bn')(x, train)
 
 
@@ -65,11 +71,9 @@ class BasicBlock(_Block):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     shortcut = self._shortcut(x, self.filters, train)
-    y = layers.conv(self.filters, 3, self.strides, name='conv1',
-                    dtype=self.dtype, impl=self.conv_impl)(x)
+    y = self._conv(self.filters, 3, self.strides, 'conv1')(x)
     y = self._norm('bn1')(y, train, relu=True)
-    y = layers.conv(self.filters, 3, 1, name='conv2', dtype=self.dtype,
-                    impl=self.conv_impl)(y)
+    y = self._conv(self.filters, 3, 1, 'conv2')(y)
     return self._norm('bn2', zero_init=True)(y, train, residual=shortcut,
                                              relu=True)
 
@@ -86,14 +90,11 @@ class BottleneckBlock(_Block):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     out_features = self.expansion * self.filters
     shortcut = self._shortcut(x, out_features, train)
-    y = layers.conv(self.filters, 1, 1, name='conv1', dtype=self.dtype,
-                    impl=self.conv_impl)(x)
+    y = self._conv(self.filters, 1, 1, 'conv1')(x)
     y = self._norm('bn1')(y, train, relu=True)
-    y = layers.conv(self.filters, 3, self.strides, name='conv2',
-                    dtype=self.dtype, impl=self.conv_impl)(y)
+    y = self._conv(self.filters, 3, self.strides, 'conv2')(y)
     y = self._norm('bn2')(y, train, relu=True)
-    y = layers.conv(out_features, 1, 1, name='conv3', dtype=self.dtype,
-                    impl=self.conv_impl)(y)
+    y = self._conv(out_features, 1, 1, 'conv3')(y)
     return self._norm('bn3', zero_init=True)(y, train, residual=shortcut,
                                              relu=True)
 
@@ -123,6 +124,11 @@ class ResNet(nn.Module):
     bn_momentum: BatchNorm running-average decay.
     bn_epsilon: BatchNorm epsilon.
     bn_groups: BatchNorm statistics groups (see `layers.BatchNorm`).
+    conv: convolution factory, `layers.Conv` or a module with its fields
+      and parameters (`jaxssl.cpu_kernels.CpuConv`).
+    norm: BatchNorm factory, `layers.BatchNorm` or a module with its fields,
+      parameters and call signature (residual and ReLU included, so an
+      implementation may fuse them).
 
   References:
     He et al., Deep Residual Learning for Image Recognition, 2016;
@@ -136,7 +142,8 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   bn_groups: int = 1
-  conv_impl: str = 'auto'
+  conv: layers.ModuleDef = layers.Conv
+  norm: layers.ModuleDef = layers.BatchNorm
 
   def _architecture(self) -> tuple[type[_Block], tuple[int, ...]]:
     if self.depth not in ARCHITECTURES:
@@ -173,15 +180,14 @@ class ResNet(nn.Module):
           f'ResNet input has shape {x.shape}; expected [batch, H, W, C]')
     width = 64 * self.width_multiplier
     norm = functools.partial(
-        layers.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+        self.norm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
         num_groups=self.bn_groups, dtype=self.dtype)
+    conv = functools.partial(self.conv, dtype=self.dtype, name='stem_conv')
     if self.cifar_stem:
-      x = layers.conv(width, 3, 1, name='stem_conv', dtype=self.dtype,
-                      impl=self.conv_impl)(x)
+      x = conv(features=width, kernel_size=3, strides=1)(x)
       x = norm(name='stem_bn')(x, train, relu=True)
     else:
-      x = layers.conv(width, 7, 2, name='stem_conv', dtype=self.dtype,
-                      impl=self.conv_impl)(x)
+      x = conv(features=width, kernel_size=7, strides=2)(x)
       x = norm(name='stem_bn')(x, train, relu=True)
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
     for stage, num_blocks in enumerate(stage_sizes):
@@ -191,21 +197,25 @@ class ResNet(nn.Module):
             strides=2 if stage > 0 and index == 0 else 1,
             zero_init_residual=self.zero_init_residual, dtype=self.dtype,
             bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-            bn_groups=self.bn_groups, conv_impl=self.conv_impl,
+            bn_groups=self.bn_groups, conv=self.conv, norm=self.norm,
             name=f'stage{stage + 1}_block{index}')(x, train)
     return x.astype(jnp.float32).mean(axis=(1, 2))
 
 
 def build_resnet(depth: int, model_config: ml_collections.ConfigDict, *,
-                 cifar_stem: bool, bn_groups: int) -> ResNet:
+                 cifar_stem: bool, bn_groups: int,
+                 conv: layers.ModuleDef = layers.Conv,
+                 norm: layers.ModuleDef = layers.BatchNorm) -> ResNet:
   """Builds a ResNet from `config.model` (the `ENCODERS` entry point).
 
   Args:
     depth: 18, 34, 50, 101 or 152.
     model_config: `config.model`; reads `width_multiplier`, `dtype`,
-      `zero_init_residual`, `bn_momentum`, `bn_epsilon`, `conv_impl`.
+      `zero_init_residual`, `bn_momentum`, `bn_epsilon`.
     cifar_stem: the resolved stem choice.
     bn_groups: BatchNorm statistics groups.
+    conv: convolution factory (`ResNet.conv`).
+    norm: BatchNorm factory (`ResNet.norm`).
 
   Returns:
     The (unbound) `ResNet` module.
@@ -216,5 +226,5 @@ def build_resnet(depth: int, model_config: ml_collections.ConfigDict, *,
       zero_init_residual=model_config.zero_init_residual,
       dtype=layers.dtype_from_name(model_config.dtype),
       bn_momentum=model_config.bn_momentum,
-      bn_epsilon=model_config.bn_epsilon, bn_groups=bn_groups,
-      conv_impl=model_config.conv_impl)
+      bn_epsilon=model_config.bn_epsilon, bn_groups=bn_groups, conv=conv,
+      norm=norm)

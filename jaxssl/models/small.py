@@ -3,7 +3,7 @@
 `SmallCNN` is a three-stage convnet with a dense representation for 28-32 px
 images (Fashion-MNIST, CIFAR) that trains at useful speed on a laptop CPU; `TinyCNN` is the smallest encoder
 that still has convs and BatchNorm, so unit and end-to-end tests compile in
-seconds. Both use `layers.conv` and `layers.BatchNorm` like the ResNets, so
+seconds. Both take `conv` and `norm` factories like the ResNets, so
 every code path (bf16, grouped BN, weight-decay masks) is exercised on CPU.
 """
 
@@ -43,6 +43,8 @@ class SmallCNN(nn.Module):
     bn_momentum: BatchNorm running-average decay.
     bn_epsilon: BatchNorm epsilon.
     bn_groups: BatchNorm statistics groups (see `layers.BatchNorm`).
+    conv: convolution factory (`layers.Conv` by default).
+    norm: BatchNorm factory (`layers.BatchNorm` by default).
   """
   widths: tuple[int, ...] = (32, 64, 128)
   feature_width: int = 256
@@ -51,7 +53,8 @@ class SmallCNN(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   bn_groups: int = 1
-  conv_impl: str = 'auto'
+  conv: layers.ModuleDef = layers.Conv
+  norm: layers.ModuleDef = layers.BatchNorm
 
   @property
   def feature_dim(self) -> int:
@@ -75,14 +78,13 @@ class SmallCNN(nn.Module):
       `[batch, feature_dim]` float32 features.
     """
     norm = functools.partial(
-        layers.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+        self.norm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
         num_groups=self.bn_groups, dtype=self.dtype)
     for stage, width in enumerate(self.widths):
       if stage > 0:
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-      x = layers.conv(width * self.width_multiplier, 3, 1,
-                      name=f'stage{stage + 1}_conv', dtype=self.dtype,
-                      impl=self.conv_impl)(x)
+      x = self.conv(features=width * self.width_multiplier, kernel_size=3,
+                    name=f'stage{stage + 1}_conv', dtype=self.dtype)(x)
       x = norm(name=f'stage{stage + 1}_bn')(x, train, relu=True)
     x = x.reshape(x.shape[0], -1)
     x = nn.Dense(self.feature_dim, use_bias=False, dtype=self.dtype,
@@ -102,13 +104,16 @@ class TinyCNN(nn.Module):
     bn_momentum: BatchNorm running-average decay.
     bn_epsilon: BatchNorm epsilon.
     bn_groups: BatchNorm statistics groups (see `layers.BatchNorm`).
+    conv: convolution factory (`layers.Conv` by default).
+    norm: BatchNorm factory (`layers.BatchNorm` by default).
   """
   width_multiplier: int = 1
   dtype: Any = jnp.float32
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   bn_groups: int = 1
-  conv_impl: str = 'auto'
+  conv: layers.ModuleDef = layers.Conv
+  norm: layers.ModuleDef = layers.BatchNorm
 
   @property
   def feature_dim(self) -> int:
@@ -132,30 +137,33 @@ class TinyCNN(nn.Module):
       `[batch, feature_dim]` float32 features.
     """
     norm = functools.partial(
-        layers.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+        self.norm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
         num_groups=self.bn_groups, dtype=self.dtype)
     w = self.width_multiplier
-    x = layers.conv(8 * w, 3, 1, name='conv1', dtype=self.dtype,
-                    impl=self.conv_impl)(x)
+    x = self.conv(features=8 * w, kernel_size=3, name='conv1',
+                  dtype=self.dtype)(x)
     x = norm(name='bn1')(x, train, relu=True)
-    x = layers.conv(16 * w, 3, 2, name='conv2', dtype=self.dtype,
-                    impl=self.conv_impl)(x)
+    x = self.conv(features=16 * w, kernel_size=3, strides=2, name='conv2',
+                  dtype=self.dtype)(x)
     x = norm(name='bn2')(x, train, relu=True)
     return x.astype(jnp.float32).mean(axis=(1, 2))
 
 
 def _common_kwargs(model_config: ml_collections.ConfigDict,
-                   bn_groups: int) -> dict[str, Any]:
+                   bn_groups: int, conv: layers.ModuleDef,
+                   norm: layers.ModuleDef) -> dict[str, Any]:
   return dict(
       width_multiplier=model_config.width_multiplier,
       dtype=layers.dtype_from_name(model_config.dtype),
       bn_momentum=model_config.bn_momentum,
-      bn_epsilon=model_config.bn_epsilon, bn_groups=bn_groups,
-      conv_impl=model_config.conv_impl)
+      bn_epsilon=model_config.bn_epsilon, bn_groups=bn_groups, conv=conv,
+      norm=norm)
 
 
 def build_small_cnn(model_config: ml_collections.ConfigDict, *,
-                    cifar_stem: bool, bn_groups: int) -> SmallCNN:
+                    cifar_stem: bool, bn_groups: int,
+                    conv: layers.ModuleDef = layers.Conv,
+                    norm: layers.ModuleDef = layers.BatchNorm) -> SmallCNN:
   """Builds `SmallCNN` from `config.model`.
 
   `model.stem` and `model.zero_init_residual` do not apply and are ignored.
@@ -165,16 +173,19 @@ def build_small_cnn(model_config: ml_collections.ConfigDict, *,
       `bn_momentum`, `bn_epsilon`.
     cifar_stem: unused; the stem is always a 3x3 stride-1 conv.
     bn_groups: BatchNorm statistics groups.
+    conv: convolution factory; norm: BatchNorm factory.
 
   Returns:
     The (unbound) `SmallCNN` module.
   """
   del cifar_stem  # One stem fits the small images this encoder is for.
-  return SmallCNN(**_common_kwargs(model_config, bn_groups))
+  return SmallCNN(**_common_kwargs(model_config, bn_groups, conv, norm))
 
 
 def build_tiny_cnn(model_config: ml_collections.ConfigDict, *,
-                   cifar_stem: bool, bn_groups: int) -> TinyCNN:
+                   cifar_stem: bool, bn_groups: int,
+                   conv: layers.ModuleDef = layers.Conv,
+                   norm: layers.ModuleDef = layers.BatchNorm) -> TinyCNN:
   """Builds `TinyCNN` from `config.model` (see `build_small_cnn`).
 
   Args:
@@ -182,9 +193,10 @@ def build_tiny_cnn(model_config: ml_collections.ConfigDict, *,
       `bn_momentum`, `bn_epsilon`.
     cifar_stem: unused.
     bn_groups: BatchNorm statistics groups.
+    conv: convolution factory; norm: BatchNorm factory.
 
   Returns:
     The (unbound) `TinyCNN` module.
   """
   del cifar_stem  # No stem to choose.
-  return TinyCNN(**_common_kwargs(model_config, bn_groups))
+  return TinyCNN(**_common_kwargs(model_config, bn_groups, conv, norm))

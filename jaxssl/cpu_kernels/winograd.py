@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxssl.models import batch_chunks
+from jaxssl.cpu_kernels import batch_chunks
 
 # F(2, 3) transforms (Lavin & Gray, 2016, section 4.1).
 _B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],

@@ -1,4 +1,4 @@
-"""Tests for jaxssl.models.fastconv: values and gradients equal lax.conv's."""
+"""Tests for jaxssl.cpu_kernels.fastconv: values and gradients equal lax.conv's."""
 
 import itertools
 
@@ -9,7 +9,7 @@ import pytest
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxssl.models import fastconv
+from jaxssl.cpu_kernels import fastconv
 
 # (batch, height, width, in_ch, out_ch, kernel, strides, padding)
 CASES = [
@@ -152,47 +152,15 @@ def test_im2col_is_conv_free(cin, cout, kernel_size, strides):
     (1, 16, 3, 1, True),   # stem: kh*kw*Cin <= Cout
     (8, 4, 1, 1, True),    # 1x1
     (8, 4, 3, 2, True),    # strided
-    (8, 4, 3, 1, True),    # wide 3x3: Winograd (tests/winograd_test.py)
+    (8, 4, 3, 1, True),    # wide 3x3: Winograd (cpu_kernels_winograd_test)
     (8, 4, 5, 1, False),   # wide 5x5: XLA forward and input gradient
 ])
-def test_auto_on_cpu(cin, cout, kernel_size, strides, conv_free):
-  assert jax.default_backend() == 'cpu'
+def test_auto(cin, cout, kernel_size, strides, conv_free):
   x, kernel = _inputs((2, 8, 8, cin, cout, kernel_size, strides, 'SAME'))
   names = _primitives(_grad_fn('auto', strides), x, kernel)
   assert ('conv_general_dilated' not in names) == conv_free
-  # The kernel gradient is always a matmul on CPU.
+  # The kernel gradient is always a matmul.
   assert 'dot_general' in names
-
-
-def test_auto_off_cpu_is_exactly_xla(monkeypatch):
-  x, kernel = _inputs((2, 8, 8, 8, 4, 3, 1, 'SAME'))
-  xla_jaxpr = str(jax.make_jaxpr(_grad_fn('xla'))(x, kernel))
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert str(jax.make_jaxpr(_grad_fn('auto'))(x, kernel)) == xla_jaxpr
-  assert 'dot_general' not in xla_jaxpr
-
-
-@pytest.mark.parametrize('impl,local_devices,backend,expected', [
-    ('auto', 1, 'cpu', 'auto'),   # one CPU device: the matmul products
-    ('auto', 8, 'cpu', 'xla'),    # simulated devices sharing the cores
-    ('auto', 8, 'gpu', 'auto'),   # elsewhere 'auto' is already 'xla'
-    ('im2col', 8, 'cpu', 'im2col'),  # an explicit choice is kept
-    ('xla', 1, 'cpu', 'xla'),
-])
-def test_impl_for_devices(monkeypatch, impl, local_devices, backend,
-                          expected):
-  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
-  assert fastconv.impl_for_devices(impl, local_devices) == expected
-
-
-@pytest.mark.parametrize('impl,local_devices,message', [
-    ('cudnn', 1, "unknown conv impl 'cudnn'; known: auto, im2col, xla"),
-    ('auto', 0, 'local_devices=0 must be an int >= 1'),
-    ('auto', True, 'local_devices=True must be an int >= 1'),
-])
-def test_impl_for_devices_bad_arguments(impl, local_devices, message):
-  with pytest.raises(ValueError, match=message):
-    fastconv.impl_for_devices(impl, local_devices)
 
 
 @pytest.mark.parametrize('impl', ['im2col', 'auto'])

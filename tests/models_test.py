@@ -1,4 +1,5 @@
-"""Tests for the encoder registry, the ResNets and the small CPU encoders.
+"""Tests for jaxssl.models: the encoder registry, the ResNets, the small CPU
+encoders and `model.input_normalization` (statistics, wrapping, export).
 
 Big models are only traced (`jax.eval_shape`, `jax.make_jaxpr`); parameter
 counts are checked against a from-first-principles count and against the
@@ -15,8 +16,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxssl import config_schema
+from jaxssl import evaluate
 from jaxssl import models
-from jaxssl.models import heads, resnet, winograd
+from jaxssl.models import heads, resnet
 
 # RBG keys: threefry (jax_threefry_partitionable) takes seconds to compile
 # per random op on CPU; the tests need init values, not a particular stream.
@@ -35,7 +38,7 @@ def _config(**overrides):
   config = ml_collections.ConfigDict(dict(
       encoder='resnet18', width_multiplier=1, stem='auto', dtype='float32',
       bn_momentum=0.9, bn_epsilon=1e-5, zero_init_residual=True,
-      conv_impl='auto', input_normalization='none'))
+      input_normalization='none'))
   config.update(overrides)
   return config
 
@@ -421,52 +424,106 @@ def test_heads_and_encoders_compose_under_bfloat16():
   assert out.shape == (4, 4) and out.dtype == jnp.float32
 
 
-@pytest.mark.parametrize('local_devices,expected', [
-    (1, 'auto'), (8, 'xla'), (None, 'xla')])
-def test_auto_conv_impl_follows_local_devices(local_devices, expected):
-  # None: this process's count, 8 CPU devices under conftest.
-  encoder = models.make_encoder(_config(encoder='small_cnn'), image_size=28,
-                                local_devices=local_devices)
-  assert encoder.conv_impl == expected
+# The official constants, typed in from the sources: BYOL
+# `utils/dataset.py:normalize_images`, MoCo `main_moco.py`, SwAV
+# `src/multicropdataset.py` (std 0.228 for red).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SWAV_STD = (0.228, 0.224, 0.225)
 
 
-def test_one_device_auto_convs_train_like_xla(monkeypatch):
-  # One CPU device: 'auto' runs im2col matmuls and Winograd; a ResNet-18's
-  # features and every parameter gradient equal those of XLA's convolutions.
-  # (SmallCNN is not compared here: its BatchNorms over 4 images amplify
-  # float32 rounding to ~1e-4 for every implementation against XLA's,
-  # im2col included; its convolutions are covered op by op in
-  # fastconv_test and winograd_test.)
-  encoder, image_size = 'resnet18', 16
-  winograd_calls = []
-  original = winograd.conv3x3
-  monkeypatch.setattr(winograd, 'conv3x3', lambda *args: (
-      winograd_calls.append(args[1].shape), original(*args))[1])
-  config = _config(encoder=encoder, width_multiplier=1)
-  fast = models.make_encoder(config, image_size=image_size, local_devices=1)
-  reference = models.make_encoder(_config(encoder=encoder, conv_impl='xla'),
-                                  image_size=image_size, local_devices=1)
-  assert (fast.conv_impl, reference.conv_impl) == ('auto', 'xla')
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.uniform(0, 1, (4, image_size, image_size, 3)),
-                  jnp.float32)
-  variables = reference.init(_KEY, x, train=True)
-  cotangent = jnp.asarray(rng.uniform(
-      -1, 1, (4, models.feature_dim(config))), jnp.float32)
+def model_config(normalization='none', encoder='tiny_cnn'):
+  config = config_schema.defaults().model
+  config.encoder = encoder
+  config.input_normalization = normalization
+  return config
 
-  def features_and_grads(encoder_module):
-    def loss(params):
-      out, _ = encoder_module.apply(
-          {**variables, 'params': params}, x, train=True,
-          mutable=['batch_stats'])
-      return jnp.sum(out * cotangent), out
 
-    return jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
+def random_images(shape, seed=0):
+  return np.random.default_rng(seed).random(shape).astype(np.float32)
 
-  (fast_grads, fast_out), (ref_grads, ref_out) = (
-      features_and_grads(fast), features_and_grads(reference))
-  assert winograd_calls  # the Winograd path ran in the 'auto' encoder
-  np.testing.assert_allclose(fast_out, ref_out, rtol=1e-5, atol=1e-5)
-  for got, want in zip(jax.tree.leaves(fast_grads),
-                       jax.tree.leaves(ref_grads)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+def test_default_is_none_and_the_plain_encoder():
+  config = model_config()
+  assert config_schema.defaults().model.input_normalization == 'none'
+  encoder = models.make_encoder(config, image_size=16)
+  assert not isinstance(encoder, models.NormalizedEncoder)
+
+
+@pytest.mark.parametrize('name,mean,std', [
+    ('imagenet', IMAGENET_MEAN, IMAGENET_STD),
+    ('swav', IMAGENET_MEAN, SWAV_STD),
+])
+def test_statistics(name, mean, std):
+  assert models.input_statistics(name, 3) == (mean, std)
+  grey_mean, grey_std = models.input_statistics(name, 1)
+  np.testing.assert_allclose(grey_mean, [np.mean(np.float64(mean))],
+                             rtol=1e-12)
+  np.testing.assert_allclose(grey_std, [np.mean(np.float64(std))],
+                             rtol=1e-12)
+
+
+@pytest.mark.parametrize('name,mean,std', [
+    ('imagenet', IMAGENET_MEAN, IMAGENET_STD),
+    ('swav', IMAGENET_MEAN, SWAV_STD),
+])
+@pytest.mark.parametrize('channels', [1, 3])
+def test_normalized_encoder_equals_encoder_of_normalized_pixels(
+    name, mean, std, channels):
+  x = random_images((4, 16, 16, channels))
+  if channels == 1:
+    mean, std = (np.mean(mean),), (np.mean(std),)
+  expected_input = (x.astype(np.float64) - np.array(mean)) / np.array(std)
+  plain = models.make_encoder(model_config(), image_size=16)
+  wrapped = models.make_encoder(model_config(name), image_size=16)
+  assert isinstance(wrapped, models.NormalizedEncoder)
+  variables = plain.init(_KEY, jnp.asarray(x), train=False)
+  wrapped_variables = wrapped.init(_KEY, jnp.asarray(x), train=False)
+  # Same tree, same initial values: the normalisation is not a parameter.
+  assert (jax.tree.structure(variables)
+          == jax.tree.structure(wrapped_variables))
+  for a, b in zip(jax.tree.leaves(variables),
+                  jax.tree.leaves(wrapped_variables)):
+    np.testing.assert_array_equal(a, b)
+  got = wrapped.apply(variables, jnp.asarray(x), train=False)
+  want = plain.apply(variables, jnp.asarray(expected_input, jnp.float32),
+                     train=False)
+  scale = float(jnp.max(jnp.abs(want)))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+  # Training mode updates the same BatchNorm statistics.
+  _, updates = wrapped.apply(variables, jnp.asarray(x), train=True,
+                             mutable=['batch_stats'])
+  _, plain_updates = plain.apply(variables,
+                                 jnp.asarray(expected_input, jnp.float32),
+                                 train=True, mutable=['batch_stats'])
+  assert (jax.tree.structure(updates) == jax.tree.structure(plain_updates))
+
+
+def test_wrapper_forwards_encoder_properties():
+  plain = models.make_encoder(model_config(encoder='resnet18'),
+                              image_size=32)
+  wrapped = models.make_encoder(model_config('imagenet', 'resnet18'),
+                                image_size=32)
+  assert wrapped.feature_dim == plain.feature_dim == 512
+  assert wrapped.min_image_size == plain.min_image_size
+
+
+def test_exported_encoder_spec_carries_the_normalization():
+  config = model_config('swav')
+  spec = {'model': config.to_dict(), 'image_size': 16, 'num_channels': 3}
+  encoder, abstract = evaluate.build_encoder(spec)
+  assert isinstance(encoder, models.NormalizedEncoder)
+  assert encoder.normalization == 'swav'
+  plain, plain_abstract = evaluate.build_encoder(
+      {**spec, 'model': model_config().to_dict()})
+  assert (jax.tree.structure(abstract) == jax.tree.structure(plain_abstract))
+
+
+def test_bad_names():
+  with pytest.raises(ValueError, match=r"unknown model.input_normalization "
+                     r"'imagnet'; known: none, imagenet, swav"):
+    models.make_encoder(model_config('imagnet'), image_size=16)
+  with pytest.raises(ValueError, match="'none' has no statistics"):
+    models.input_statistics('none', 3)
+  with pytest.raises(ValueError, match='num_channels=4 must be 1 or 3'):
+    models.input_statistics('imagenet', 4)

@@ -19,16 +19,14 @@ transpose, pads (with interior padding for strides) and sums kh*kw slices.
 Implementations (`impl`):
   'im2col': all three products as above.
   'xla': `lax.conv_general_dilated` and its XLA gradients.
-  'auto': on CPU, thin convolutions (1x1, strided, or kh*kw*Cin <= Cout)
-    as 'im2col'; wide float32 3x3 stride-1 convolutions (the bulk of a
+  'auto': thin convolutions (1x1, strided, or kh*kw*Cin <= Cout) as
+    'im2col'; wide float32 3x3 stride-1 convolutions (the bulk of a
     ResNet) by Winograd's F(2x2, 3x3) in all three products
-    (`jaxssl/models/winograd.py`, 2.25x fewer multiplies); other wide ones
-    with XLA's forward and input gradient and the kernel gradient as a
-    matmul: the fastest combination measured (docs/benchmarks.md). On
-    every other backend 'auto' is exactly 'xla', so TPU and GPU programs
-    are untouched.
-    Encoders in a CPU process with several devices (simulated devices
-    sharing the cores) take 'xla' instead (`impl_for_devices`).
+    (`jaxssl/cpu_kernels/winograd.py`, 2.25x fewer multiplies); other wide
+    ones with XLA's forward and input gradient and the kernel gradient as a
+    matmul: the fastest combination measured on CPU (docs/benchmarks.md).
+    Nothing here looks at the backend: `jaxssl.cpu_kernels.select_factories`
+    decides, once per run, whether encoders use this module at all.
 
 Memory: the patches are kh*kw times the input activation (9x for 3x3), and
 `dy @ W^T` is as large. Neither is kept between forward and backward (the
@@ -46,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxssl.models import batch_chunks, winograd
+from jaxssl.cpu_kernels import batch_chunks, winograd
 
 IMPLS = ('auto', 'im2col', 'xla')
 # Patches per loop step: small enough to stay in the L2/L3 caches, large
@@ -235,49 +233,6 @@ def _chunk_size(batch: int, kernel_shape: tuple[int, ...],
   return batch_chunks.images_per_step(batch, most)
 
 
-def _resolve_impl(impl: str) -> str:
-  """Returns 'auto-cpu', 'im2col' or 'xla' for an `impl` name.
-
-  Args:
-    impl: 'auto' ('auto-cpu' when `jax.default_backend()` is 'cpu', else
-      'xla'), 'im2col' or 'xla'.
-
-  Returns:
-    The implementation `conv2d` runs; decided at trace time.
-  """
-  if impl not in IMPLS:
-    raise ValueError(f"unknown conv impl {impl!r}; known: {', '.join(IMPLS)}")
-  if impl == 'auto':
-    return 'auto-cpu' if jax.default_backend() == 'cpu' else 'xla'
-  return impl
-
-
-def impl_for_devices(impl: str, local_devices: int) -> str:
-  """The `impl` an encoder on `local_devices` devices of this process uses.
-
-  'auto' becomes 'xla' on a CPU backend with more than one device in this
-  process: such devices share the host's cores, and 8
-  simulated devices ran the quickstart step 2.03x slower than 1 with the
-  matmul products but 0.51x with XLA's convolutions (docs/benchmarks.md).
-  Every other case returns `impl` unchanged.
-
-  Args:
-    impl: a name in `IMPLS`.
-    local_devices: `jax.local_device_count()` (>= 1).
-
-  Returns:
-    'xla' or `impl`.
-  """
-  if impl not in IMPLS:
-    raise ValueError(f"unknown conv impl {impl!r}; known: {', '.join(IMPLS)}")
-  if isinstance(local_devices, bool) or not isinstance(local_devices, int) or (
-      local_devices < 1):
-    raise ValueError(f'local_devices={local_devices!r} must be an int >= 1')
-  if impl == 'auto' and local_devices > 1 and jax.default_backend() == 'cpu':
-    return 'xla'
-  return impl
-
-
 def conv2d(x: jax.Array, kernel: jax.Array, *,
            strides: int | Sequence[int] = 1, padding: Padding = 'SAME',
            impl: str = 'auto',
@@ -296,8 +251,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *,
       dtype as `x`.
     strides: stride along height and width, an int or a pair.
     padding: 'SAME', 'VALID' or explicit `((top, bottom), (left, right))`.
-    impl: 'auto' (CPU: im2col matmuls or Winograd, see module docstring;
-      elsewhere 'xla'), 'im2col' (every product a matmul) or 'xla'.
+    impl: 'auto' (im2col matmuls or Winograd by shape, see the module
+      docstring), 'im2col' (every product a matmul) or 'xla'.
     chunk_bytes: patches per loop step of the im2col paths, input bytes
       per loop step of the Winograd path; None: each path's measured
       default (`DEFAULT_CHUNK_BYTES`, `winograd.DEFAULT_CHUNK_BYTES`).
@@ -309,7 +264,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *,
     Chellapilla et al., 2006, "High performance convolutional neural
     networks for document processing" (unrolling convolutions to matmuls).
   """
-  impl = _resolve_impl(impl)
+  if impl not in IMPLS:
+    raise ValueError(f"unknown conv impl {impl!r}; known: {', '.join(IMPLS)}")
   if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
     raise ValueError(
         f'conv2d got x{tuple(x.shape)} and kernel{tuple(kernel.shape)}; '
@@ -336,7 +292,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, *,
                                     dimension_numbers=_DIMENSIONS)
   matmul_data = (impl == 'im2col' or kh * kw == 1 or strides != (1, 1) or
                  kh * kw * cin <= cout)
-  if (impl == 'auto-cpu' and not matmul_data and
+  if (impl == 'auto' and not matmul_data and
       winograd.supports(kernel.shape, strides, pads, x.dtype)):
     return winograd.conv3x3(x, kernel, pads,
                             chunk_bytes or winograd.DEFAULT_CHUNK_BYTES)
