@@ -10,17 +10,29 @@ is complete, so an interrupted save never replaces the last good checkpoint;
 `latest_step` sees only complete ones. Every process calls `save` and
 `restore` (orbax coordinates multi-host writes); arrays are restored straight
 into the shardings of an abstract target. Nothing is pickled.
+
+Integrity: `save` refuses a state with a non-finite array and records a
+CRC-32 of every array's bytes in the step's meta; `restore_newest_good`
+verifies them and falls back past a damaged newest step (incomplete,
+unreadable or failing its checksum) to the previous good one, with a
+one-line warning; the damaged step is set aside under
+`<workdir>/checkpoints_damaged/`, never deleted. The export is written
+beside the old one and swapped in when complete (`export_encoder`).
 """
 
 import os
-from typing import Any
+import sys
+import zlib
+from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 PyTree = Any
 _CHECKPOINTS = 'checkpoints'
+_DAMAGED = 'checkpoints_damaged'
 EXPORT_SUBDIR = 'export'
 
 
@@ -61,14 +73,28 @@ class Checkpointer:
   def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
     """Starts an asynchronous save of `state` and JSON `meta` at `step`.
 
+    The state is first fetched to the host, checked to be finite and
+    checksummed (`array_checksums`); the checksums go into the saved meta.
+
     Args:
       step: the step count of `state`.
-      state: the full train state.
+      state: the full train state (replicated arrays).
       meta: `{'config': run config dict, 'encoder_spec': ...}`.
+
+    Raises:
+      NonFiniteStateError: an array of `state` holds NaN or infinity; nothing
+        is written.
     """
+    try:
+      checksums = array_checksums(state)
+    except NonFiniteStateError as e:
+      raise NonFiniteStateError(
+          f'the state at step {step} is not finite: {e}, the last good '
+          f'checkpoint in {self.directory} is kept (lower the learning '
+          'rate or check the input data)') from None
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave(meta)), force=True)
+        meta=ocp.args.JsonSave(dict(meta, checksums=checksums))), force=True)
 
   def restore(self, step: int, abstract_state: PyTree) -> PyTree:
     """Restores the full state of `step` into `abstract_state`'s shardings."""
@@ -76,12 +102,147 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state)))
     return restored.state
 
+  def restore_newest_good(
+      self, abstract_state: PyTree,
+      check_fits: Callable[[int, dict[str, Any], dict], None],
+  ) -> tuple[int, PyTree, dict[str, Any]] | None:
+    """Restores the newest step that is complete, readable and checksummed.
+
+    Newer damaged steps are skipped with a one-line warning on stderr naming
+    the step and the reason, and set aside under `<workdir>/checkpoints_damaged/` by process
+    0 once a good step is restored.
+
+    Args:
+      abstract_state: ShapeDtypeStructs with shardings of the full state.
+      check_fits: `(step, meta, saved_shapes)` called before a step's arrays
+        are read; raises ValueError if the step may not be resumed with this
+        config (that error is not damage: it propagates).
+
+    Returns:
+      `(step, state, meta)`, or None if there is no checkpoint at all.
+
+    Raises:
+      ValueError: every step is damaged (one line; the files are left).
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    damaged = []
+    for step in steps:
+      try:
+        state, meta = self._verified(step, abstract_state, check_fits)
+      except DamagedCheckpointError as e:
+        print(f'jaxssl: warning: skipping checkpoint step {step} in '
+              f'{self.directory}: {e}', file=sys.stderr, flush=True)
+        damaged.append((step, str(e)))
+        continue
+      self._set_aside([s for s, _ in damaged])
+      return step, state, meta
+    if damaged:
+      reasons = '; '.join(f'step {s}: {r}' for s, r in damaged)
+      raise ValueError(
+          f'no usable checkpoint in {self.directory} ({reasons}); the files '
+          'are left as they are: move them away to start from scratch')
+    return None
+
+  def _verified(self, step, abstract_state, check_fits):
+    """`(state, meta)` of `step`, or DamagedCheckpointError saying why not."""
+    try:
+      meta = self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore())).meta
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(f'its meta is unreadable ({_brief(e)})')
+    if not isinstance(meta, dict) or 'config' not in meta:
+      raise DamagedCheckpointError('its meta is not a run description')
+    try:
+      shapes = shapes_by_path(self._manager.item_metadata(step)['state'])
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(
+          f'its array metadata is unreadable ({_brief(e)})')
+    check_fits(step, meta, shapes)
+    try:
+      state = self.restore(step, abstract_state)
+      checksums = array_checksums(state, check_finite=False)
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(f'its arrays are unreadable ({_brief(e)})')
+    saved = meta.get('checksums')
+    if saved is None:  # saved before jaxssl recorded checksums
+      print(f'jaxssl: warning: checkpoint step {step} has no checksums (an '
+            'older jaxssl saved it); restored unverified', file=sys.stderr)
+      saved = checksums
+    bad = [k for k in sorted(set(checksums) | set(saved))
+           if checksums.get(k) != saved.get(k)]
+    if bad:
+      more = f' and {len(bad) - 1} more arrays' if len(bad) > 1 else ''
+      raise DamagedCheckpointError(f'checksum mismatch in {bad[0]}{more}')
+    return state, meta
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves damaged steps to `<workdir>/checkpoints_damaged/<step>` (process 0)."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      aside = self.directory.parent / _DAMAGED
+      aside.mkdir(parents=True, exist_ok=True)
+      for step in steps:
+        target = aside / str(step)
+        n = 1
+        while target.exists():
+          target, n = aside / f'{step}.{n}', n + 1
+        (self.directory / str(step)).rename(target)
+        print(f'jaxssl: warning: checkpoint step {step} moved to {target}',
+              file=sys.stderr, flush=True)
+    self._manager.reload()
+
   def wait(self) -> None:
     """Blocks until pending saves are on disk."""
     self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.close()
+
+
+class DamagedCheckpointError(Exception):
+  """A saved step is incomplete, unreadable or fails its checksum."""
+
+
+class NonFiniteStateError(FloatingPointError):
+  """An array of the state to be saved holds NaN or infinity."""
+
+
+def _brief(error: Exception) -> str:
+  """The first line of an error, at most 160 characters."""
+  text = (str(error).strip().splitlines() or [''])[0]
+  text = f'{type(error).__name__}: {text}' if text else type(error).__name__
+  return text if len(text) <= 160 else text[:157] + '...'
+
+
+def _host_array(leaf) -> np.ndarray:
+  """One replica of `leaf` on the host (replicated arrays need only one)."""
+  if isinstance(leaf, jax.Array):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    return np.asarray(leaf.addressable_data(0))
+  return np.asarray(leaf)
+
+
+def array_checksums(tree: PyTree, *, check_finite: bool = True
+                    ) -> dict[str, int]:
+  """`{'params/encoder/...': CRC-32 of the array's bytes}` for every leaf.
+
+  Args:
+    tree: replicated arrays (or host arrays).
+    check_finite: raise NonFiniteStateError naming the first floating
+      array that holds NaN or infinity.
+  """
+  checksums = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = '/'.join(_path_names(path))
+    host = _host_array(leaf)
+    if (check_finite and jax.numpy.issubdtype(host.dtype, jax.numpy.inexact)
+        and not np.all(np.isfinite(host))):
+      raise NonFiniteStateError(
+          f'{name} holds NaN or infinity; not saved')
+    checksums[name] = zlib.crc32(host.tobytes())
+  return checksums
 
 
 def _reader(directory: epath.Path, **kwargs) -> ocp.CheckpointManager:

@@ -7,6 +7,7 @@ in the code. `validate(config)` runs before anything is built or compiled and
 raises a one-line `ValueError` naming the bad value and what is allowed.
 """
 
+import difflib
 import math
 
 import ml_collections
@@ -145,6 +146,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'config has no section {config.method!r} for method='
            f'{config.method!r}; build it with config_schema.defaults('
            f'{config.method!r})')
+  check_declared_keys(config)
   _require(config.global_batch_size > 0,
            f'global_batch_size={config.global_batch_size} must be positive')
   _require(config.num_train_steps > 0 or config.num_epochs > 0,
@@ -169,6 +171,37 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_optim(config.optim, 'optim')
   _validate_linear_eval(config.linear_eval)
   methods.get_method_class(config.method).validate_config(config)
+
+
+def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = ''):
+  """Every leaf key of `config` as a dotted name, sections recursed into."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _dotted_keys(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}'
+
+
+def check_declared_keys(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError if `config`'s keys differ from `defaults(method)`'s.
+
+  A misspelt key set in a config file (`c.optim.base_learing_rate = 5.0`)
+  would otherwise become a new key that nothing reads, and the run would
+  train at the default value; the error names the closest declared key.
+  """
+  declared = list(_dotted_keys(defaults(config.method)))
+  present = list(_dotted_keys(config))
+  for key in present:
+    if key not in declared:
+      closest = difflib.get_close_matches(key, declared, n=1, cutoff=0.0)
+      raise ValueError(
+          f'config key {key} is not declared (closest declared key: '
+          f'{closest[0]}); config files may only set the keys of '
+          'config_schema.defaults')
+  missing = [key for key in declared if key not in present]
+  if missing:
+    raise ValueError(f'config lacks the declared key {missing[0]}; build it '
+                     'with config_schema.defaults(method)')
 
 
 def _validate_optim(optim, prefix: str) -> None:
