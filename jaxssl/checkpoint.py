@@ -153,10 +153,12 @@ class Checkpointer:
     if not isinstance(meta, dict) or 'config' not in meta:
       raise DamagedCheckpointError('its meta is not a run description')
     try:
-      shapes = shapes_by_path(self._manager.item_metadata(step)['state'])
+      shapes = saved_state_shapes(str(self.directory.parent), step)
     except Exception as e:  # pylint: disable=broad-except
       raise DamagedCheckpointError(
           f'its array metadata is unreadable ({_brief(e)})')
+    if not shapes:
+      raise DamagedCheckpointError('its array metadata is missing')
     check_fits(step, meta, shapes)
     try:
       state = self.restore(step, abstract_state)
