@@ -10,6 +10,10 @@ import glob
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -18,6 +22,8 @@ import pytest
 from conftest import restore_state, tiny_factory
 from jaxssl import checkpoint
 from jaxssl import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
@@ -198,3 +204,54 @@ def test_a_non_finite_state_is_never_saved(trained, tmp_path):
   ckpt.wait()
   assert ckpt.latest_step() is None
   ckpt.close()
+
+
+def _export_process(workdir, data_dir):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  return subprocess.Popen(
+      [sys.executable, '-m', 'jaxssl.main', '--mode=export',
+       '--config=configs/simclr_tiny.py', f'--workdir={workdir}',
+       f'--config.dataset.data_dir={data_dir}'],
+      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _kill_when(process, ready, timeout=300.0):
+  """SIGKILLs `process` as soon as `ready()` (polled every 2 ms) holds."""
+  deadline = time.monotonic() + timeout
+  while not ready():
+    assert process.poll() is None, process.stderr.read().decode()
+    assert time.monotonic() < deadline
+    time.sleep(0.002)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+
+
+def test_a_killed_export_leaves_the_old_or_the_new_one(trained, tmp_path,
+                                                       fashion_mnist_dir):
+  workdir = _copy(trained, tmp_path)
+  export = os.path.join(workdir, 'export')
+  spec = checkpoint.read_export_spec(export)
+  state = trained[1][8]
+  expected = {'params': state.params['encoder'],
+              'batch_stats': state.batch_stats['encoder']}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          expected)
+  _assert_same(checkpoint.load_exported_variables(export, abstract), expected)
+  moments = {
+      # orbax's temporary directory of the new export appears
+      'while writing': lambda: bool(glob.glob(export + '.incoming*')),
+      # the new export is complete, the swap has not happened yet
+      'before the swap': lambda: os.path.exists(
+          os.path.join(export + '.incoming', 'commit_success.txt')),
+  }
+  for moment, ready in moments.items():
+    _kill_when(_export_process(workdir, fashion_mnist_dir), ready)
+    assert checkpoint.read_export_spec(export) == spec, moment
+    _assert_same(checkpoint.load_exported_variables(export, abstract),
+                 expected)
+  # The next export completes and cleans up what the killed ones left.
+  process = _export_process(workdir, fashion_mnist_dir)
+  assert process.wait() == 0, process.stderr.read().decode()
+  _assert_same(checkpoint.load_exported_variables(export, abstract), expected)
+  assert sorted(os.listdir(workdir)) == sorted(
+      os.listdir(trained[0]))
