@@ -18,6 +18,11 @@ from jaxssl import methods
 from jaxssl import models
 
 
+# Larger views overflow the int32 pixel counts of the crop sampler and of
+# XLA's index arithmetic (100000 px failed inside jit).
+MAX_IMAGE_SIZE = 4096
+
+
 def defaults(method: str = 'simclr') -> ml_collections.ConfigDict:
   """Returns a config with every key declared, at SimCLR-style defaults.
 
@@ -154,8 +159,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'num_train_steps={config.num_train_steps} is not set')
   for key in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
     _require(config[key] > 0, f'{key}={config[key]} must be positive')
-  _require(config.dataset.image_size > 0,
-           f'dataset.image_size={config.dataset.image_size} must be positive')
+  for key in ('image_size',):
+    _require(0 < config.dataset[key] <= MAX_IMAGE_SIZE,
+             f'dataset.{key}={config.dataset[key]} must be in 1 .. '
+             f'{MAX_IMAGE_SIZE}')
+  _require(0 < config.augment.small_image_size <= MAX_IMAGE_SIZE,
+           f'augment.small_image_size={config.augment.small_image_size} must '
+           f'be in 1 .. {MAX_IMAGE_SIZE}')
   _require(config.dataset.num_shards >= 0,
            f'dataset.num_shards={config.dataset.num_shards} must be >= 0')
   augment.check_config(config.augment)
@@ -173,11 +183,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   methods.get_method_class(config.method).validate_config(config)
 
 
-def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = ''):
+def dotted_keys(config: ml_collections.ConfigDict, prefix: str = ''):
   """Every leaf key of `config` as a dotted name, sections recursed into."""
   for key, value in config.items():
     if isinstance(value, ml_collections.ConfigDict):
-      yield from _dotted_keys(value, f'{prefix}{key}.')
+      yield from dotted_keys(value, f'{prefix}{key}.')
     else:
       yield f'{prefix}{key}'
 
@@ -189,8 +199,8 @@ def check_declared_keys(config: ml_collections.ConfigDict) -> None:
   would otherwise become a new key that nothing reads, and the run would
   train at the default value; the error names the closest declared key.
   """
-  declared = list(_dotted_keys(defaults(config.method)))
-  present = list(_dotted_keys(config))
+  declared = list(dotted_keys(defaults(config.method)))
+  present = list(dotted_keys(config))
   for key in present:
     if key not in declared:
       closest = difflib.get_close_matches(key, declared, n=1, cutoff=0.0)

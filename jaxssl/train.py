@@ -62,6 +62,12 @@ def setup(config: ml_collections.ConfigDict,
                                jax.process_count())
   if info is None:
     info = datasets.dataset_info(config.dataset)
+  if config.global_batch_size > info.num_train_examples:
+    raise ValueError(
+        f'global_batch_size={config.global_batch_size} is larger than the '
+        f'{info.num_train_examples} examples of dataset.train_split='
+        f'{config.dataset.train_split!r}; use a smaller batch or a larger '
+        'split')
   steps_per_epoch = input_pipeline.steps_per_epoch(
       config, info.num_train_examples)
   total_steps = total_train_steps(config, steps_per_epoch)
@@ -229,6 +235,16 @@ def export(s: Setup, state, destination: str) -> str:
   return destination
 
 
+def _check_eval_splits(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError before pretraining if an evaluation split is missing."""
+  builder = datasets.get_builder(config.dataset)
+  for key in ('eval_train_split', 'eval_test_split'):
+    try:
+      datasets.split_num_examples(builder, config.dataset[key])
+    except ValueError as e:
+      raise ValueError(f'dataset.{key}: {e}') from None
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         allow_config_change: bool = False) -> dict[str, Any]:
   """Pretrains, exports the encoder and, if configured, evaluates it.
@@ -241,6 +257,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   s = setup(config)
   if config.eval_after_training:
     evaluate.check_eval_config(config, s.mesh)
+    _check_eval_splits(config)
   state = train(s, workdir, allow_config_change=allow_config_change)
   destination = str(epath.Path(workdir) / checkpoint.EXPORT_SUBDIR)
   export(s, state, destination)
