@@ -72,6 +72,10 @@ class Checkpointer:
     """The step of the newest complete checkpoint, or None."""
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    """Every complete checkpoint's step, oldest first."""
+    return sorted(self._manager.all_steps())
+
   def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
     """Starts an asynchronous save of `state` and JSON `meta` at `step`.
 

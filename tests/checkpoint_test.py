@@ -255,3 +255,17 @@ def test_a_killed_export_leaves_the_old_or_the_new_one(trained, tmp_path,
   _assert_same(checkpoint.load_exported_variables(export, abstract), expected)
   assert sorted(os.listdir(workdir)) == sorted(
       os.listdir(trained[0]))
+
+
+def test_a_restart_that_changes_the_seed_is_refused(tiny, trained, tmp_path,
+                                                    capsys):
+  workdir = _copy(trained, tmp_path)
+  with pytest.raises(ValueError, match=r'^seed was 0 at checkpoint step 8 and '
+                     r'is 1 now: resuming would silently change'):
+    train.run(tiny(seed=1), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4', '8']
+  # Harmless keys resume; the flag accepts a guarded change.
+  assert train.run(tiny(log_every_steps=1), workdir)['step'] == 8
+  assert train.run(tiny(seed=1), workdir,
+                   allow_config_change=True)['step'] == 8
+  assert 'resuming anyway (--allow_config_change)' in capsys.readouterr().err
