@@ -10,17 +10,31 @@ is complete, so an interrupted save never replaces the last good checkpoint;
 `latest_step` sees only complete ones. Every process calls `save` and
 `restore` (orbax coordinates multi-host writes); arrays are restored straight
 into the shardings of an abstract target. Nothing is pickled.
+
+Integrity: `save` refuses a state with a non-finite array and records a
+CRC-32 of every array's bytes in the step's meta; `restore_newest_good`
+verifies them and falls back past a damaged newest step (incomplete,
+unreadable or failing its checksum) to the previous good one, with a
+one-line warning; the damaged step is set aside under
+`<workdir>/checkpoints_damaged/`, never deleted. The export is written
+beside the old one and swapped in when complete (`export_encoder`).
 """
 
+import ctypes
 import os
-from typing import Any
+import sys
+import zlib
+from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 PyTree = Any
 _CHECKPOINTS = 'checkpoints'
+_DAMAGED = 'checkpoints_damaged'
 EXPORT_SUBDIR = 'export'
 
 
@@ -60,23 +74,133 @@ class Checkpointer:
     """The step of the newest complete checkpoint, or None."""
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    """Every complete checkpoint's step, oldest first."""
+    return sorted(self._manager.all_steps())
+
   def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
     """Starts an asynchronous save of `state` and JSON `meta` at `step`.
 
+    The state is first fetched to the host, checked to be finite and
+    checksummed (`array_checksums`); the checksums go into the saved meta.
+
     Args:
       step: the step count of `state`.
-      state: the full train state.
+      state: the full train state (replicated arrays).
       meta: `{'config': run config dict, 'encoder_spec': ...}`.
+
+    Raises:
+      NonFiniteStateError: an array of `state` holds NaN or infinity; nothing
+        is written.
     """
+    try:
+      checksums = array_checksums(state)
+    except NonFiniteStateError as e:
+      raise NonFiniteStateError(
+          f'the state at step {step} is not finite: {e}, the last good '
+          f'checkpoint in {self.directory} is kept (lower the learning '
+          'rate or check the input data)') from None
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave(meta)), force=True)
+        meta=ocp.args.JsonSave(dict(meta, checksums=checksums))), force=True)
 
   def restore(self, step: int, abstract_state: PyTree) -> PyTree:
     """Restores the full state of `step` into `abstract_state`'s shardings."""
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))
     return restored.state
+
+  def restore_newest_good(
+      self, abstract_state: PyTree,
+      check_fits: Callable[[int, dict[str, Any], dict], None],
+  ) -> tuple[int, PyTree, dict[str, Any]] | None:
+    """Restores the newest step that is complete, readable and checksummed.
+
+    Newer damaged steps are skipped with a one-line warning on stderr naming
+    the step and the reason, and set aside under `<workdir>/checkpoints_damaged/` by process
+    0 once a good step is restored.
+
+    Args:
+      abstract_state: ShapeDtypeStructs with shardings of the full state.
+      check_fits: `(step, meta, saved_shapes)` called before a step's arrays
+        are read; raises ValueError if the step may not be resumed with this
+        config (that error is not damage: it propagates).
+
+    Returns:
+      `(step, state, meta)`, or None if there is no checkpoint at all.
+
+    Raises:
+      ValueError: every step is damaged (one line; the files are left).
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    damaged = []
+    for step in steps:
+      try:
+        state, meta = self._verified(step, abstract_state, check_fits)
+      except DamagedCheckpointError as e:
+        print(f'jaxssl: warning: skipping checkpoint step {step} in '
+              f'{self.directory}: {e}', file=sys.stderr, flush=True)
+        damaged.append((step, str(e)))
+        continue
+      self._set_aside([s for s, _ in damaged])
+      return step, state, meta
+    if damaged:
+      reasons = '; '.join(f'step {s}: {r}' for s, r in damaged)
+      raise ValueError(
+          f'no usable checkpoint in {self.directory} ({reasons}); the files '
+          'are left as they are: move them away to start from scratch')
+    return None
+
+  def _verified(self, step, abstract_state, check_fits):
+    """`(state, meta)` of `step`, or DamagedCheckpointError saying why not."""
+    try:
+      meta = self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore())).meta
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(f'its meta is unreadable ({_brief(e)})')
+    if not isinstance(meta, dict) or 'config' not in meta:
+      raise DamagedCheckpointError('its meta is not a run description')
+    try:
+      shapes = saved_state_shapes(str(self.directory.parent), step)
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(
+          f'its array metadata is unreadable ({_brief(e)})')
+    if not shapes:
+      raise DamagedCheckpointError('its array metadata is missing')
+    check_fits(step, meta, shapes)
+    try:
+      state = self.restore(step, abstract_state)
+      checksums = array_checksums(state, check_finite=False)
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(f'its arrays are unreadable ({_brief(e)})')
+    saved = meta.get('checksums')
+    if saved is None:  # saved before jaxssl recorded checksums
+      print(f'jaxssl: warning: checkpoint step {step} has no checksums (an '
+            'older jaxssl saved it); restored unverified', file=sys.stderr)
+      saved = checksums
+    bad = [k for k in sorted(set(checksums) | set(saved))
+           if checksums.get(k) != saved.get(k)]
+    if bad:
+      more = f' and {len(bad) - 1} more arrays' if len(bad) > 1 else ''
+      raise DamagedCheckpointError(f'checksum mismatch in {bad[0]}{more}')
+    return state, meta
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves damaged steps to `<workdir>/checkpoints_damaged/<step>` (process 0)."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      aside = self.directory.parent / _DAMAGED
+      aside.mkdir(parents=True, exist_ok=True)
+      for step in steps:
+        target = aside / str(step)
+        n = 1
+        while target.exists():
+          target, n = aside / f'{step}.{n}', n + 1
+        (self.directory / str(step)).rename(target)
+        print(f'jaxssl: warning: checkpoint step {step} moved to {target}',
+              file=sys.stderr, flush=True)
+    self._manager.reload()
 
   def wait(self) -> None:
     """Blocks until pending saves are on disk."""
@@ -101,6 +225,53 @@ def _handler_registry(state_restore: type[ocp.args.CheckpointArgs]
   registry.add('meta', ocp.args.JsonSave)
   registry.add('meta', ocp.args.JsonRestore)
   return registry
+
+
+
+class DamagedCheckpointError(Exception):
+  """A saved step is incomplete, unreadable or fails its checksum."""
+
+
+class NonFiniteStateError(FloatingPointError):
+  """An array of the state to be saved holds NaN or infinity."""
+
+
+def _brief(error: Exception) -> str:
+  """The first line of an error, at most 160 characters."""
+  text = (str(error).strip().splitlines() or [''])[0]
+  text = f'{type(error).__name__}: {text}' if text else type(error).__name__
+  return text if len(text) <= 160 else text[:157] + '...'
+
+
+def _host_array(leaf) -> np.ndarray:
+  """One replica of `leaf` on the host (replicated arrays need only one)."""
+  if isinstance(leaf, jax.Array):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    return np.asarray(leaf.addressable_data(0))
+  return np.asarray(leaf)
+
+
+def array_checksums(tree: PyTree, *, check_finite: bool = True
+                    ) -> dict[str, int]:
+  """`{'params/encoder/...': CRC-32 of the array's bytes}` for every leaf.
+
+  Args:
+    tree: replicated arrays (or host arrays).
+    check_finite: raise NonFiniteStateError naming the first floating
+      array that holds NaN or infinity.
+  """
+  checksums = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = '/'.join(_path_names(path))
+    host = _host_array(leaf)
+    if (check_finite and jax.numpy.issubdtype(host.dtype, jax.numpy.inexact)
+        and not np.all(np.isfinite(host))):
+      raise NonFiniteStateError(
+          f'{name} holds NaN or infinity; not saved')
+    checksums[name] = zlib.crc32(host.tobytes())
+  return checksums
+
 
 
 def _reader(directory: epath.Path, state_restore: type[ocp.args.CheckpointArgs]
@@ -187,16 +358,71 @@ def export_encoder(directory: str, variables: PyTree,
                    spec: dict[str, Any]) -> None:
   """Writes the encoder alone: variables and the spec needed to rebuild it.
 
+  The export is written beside the destination (`<directory>.incoming`) and
+  swapped in only when complete, so a process killed at any moment leaves
+  the old export or the new one (`_swap_in`). Every process calls it.
+
   Args:
-    directory: destination (replaced atomically if it exists).
+    directory: destination; an existing export there is replaced.
     variables: `{'params': ..., 'batch_stats': ...}` of the encoder.
     spec: JSON-able description: model config, image size, channels, and
       provenance (method, dataset, step).
   """
+  final = absolute(directory)
+  incoming = final.parent / f'{final.name}.incoming'
+  previous = final.parent / f'{final.name}.previous'
+  if jax.process_index() == 0:
+    if previous.exists() and not final.exists():
+      previous.rename(final)  # a swap that was cut between its renames
+    for leftover in (incoming, previous):
+      if leftover.exists():
+        leftover.rmtree()
+  _sync('jaxssl_export_start')
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    checkpointer.save(absolute(directory), args=ocp.args.Composite(
+    checkpointer.save(incoming, args=ocp.args.Composite(
         variables=ocp.args.StandardSave(variables),
-        spec=ocp.args.JsonSave(spec)), force=True)
+        spec=ocp.args.JsonSave(spec)))
+  if jax.process_index() == 0:
+    _swap_in(incoming, final, previous)
+  _sync('jaxssl_export_done')
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _swap_in(incoming: epath.Path, final: epath.Path,
+             previous: epath.Path) -> None:
+  """Makes `incoming` the directory at `final`, then removes the old one.
+
+  Local paths on Linux exchange the two directories in one atomic
+  `renameat2(RENAME_EXCHANGE)`; elsewhere (object stores, other systems)
+  the old export is renamed to `previous` first, and a swap cut between
+  the two renames is completed by the next export.
+  """
+  if not final.exists():
+    incoming.rename(final)
+    return
+  if _exchange(str(incoming), str(final)):
+    incoming.rmtree()  # now holds the old export
+    return
+  final.rename(previous)
+  incoming.rename(final)
+  previous.rmtree()
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Atomically swaps two local directories; False where unsupported."""
+  if '://' in a or not sys.platform.startswith('linux'):
+    return False
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, rename_exchange = -100, 2
+    return libc.renameat2(at_fdcwd, a.encode(), at_fdcwd, b.encode(),
+                          rename_exchange) == 0
+  except (OSError, AttributeError):
+    return False
 
 
 def read_export_spec(directory: str) -> dict[str, Any]:

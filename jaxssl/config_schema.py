@@ -7,6 +7,7 @@ in the code. `validate(config)` runs before anything is built or compiled and
 raises a one-line `ValueError` naming the bad value and what is allowed.
 """
 
+import difflib
 import math
 
 import ml_collections
@@ -15,6 +16,11 @@ from jaxssl import cpu_kernels
 from jaxssl import methods
 from jaxssl import models
 from jaxssl.augment import recipes
+
+
+# Larger views overflow the int32 pixel counts of the crop sampler and of
+# XLA's index arithmetic (100000 px failed inside jit).
+MAX_IMAGE_SIZE = 4096
 
 
 def defaults(method: str = 'simclr') -> ml_collections.ConfigDict:
@@ -144,6 +150,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'config has no section {config.method!r} for method='
            f'{config.method!r}; build it with config_schema.defaults('
            f'{config.method!r})')
+  check_declared_keys(config)
   _require(config.global_batch_size > 0,
            f'global_batch_size={config.global_batch_size} must be positive')
   _require(config.num_train_steps > 0 or config.num_epochs > 0,
@@ -151,8 +158,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'num_train_steps={config.num_train_steps} is not set')
   for key in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
     _require(config[key] > 0, f'{key}={config[key]} must be positive')
-  _require(config.dataset.image_size > 0,
-           f'dataset.image_size={config.dataset.image_size} must be positive')
+  for key in ('image_size',):
+    _require(0 < config.dataset[key] <= MAX_IMAGE_SIZE,
+             f'dataset.{key}={config.dataset[key]} must be in 1 .. '
+             f'{MAX_IMAGE_SIZE}')
+  _require(0 < config.augment.small_image_size <= MAX_IMAGE_SIZE,
+           f'augment.small_image_size={config.augment.small_image_size} must '
+           f'be in 1 .. {MAX_IMAGE_SIZE}')
   _require(config.dataset.num_shards >= 0,
            f'dataset.num_shards={config.dataset.num_shards} must be >= 0')
   recipes.check_config(config.augment)
@@ -166,6 +178,37 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_optim(config.optim, 'optim')
   _validate_linear_eval(config.linear_eval)
   methods.get_method_class(config.method).validate_config(config)
+
+
+def dotted_keys(config: ml_collections.ConfigDict, prefix: str = ''):
+  """Every leaf key of `config` as a dotted name, sections recursed into."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from dotted_keys(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}'
+
+
+def check_declared_keys(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError if `config`'s keys differ from `defaults(method)`'s.
+
+  A misspelt key set in a config file (`c.optim.base_learing_rate = 5.0`)
+  would otherwise become a new key that nothing reads, and the run would
+  train at the default value; the error names the closest declared key.
+  """
+  declared = list(dotted_keys(defaults(config.method)))
+  present = list(dotted_keys(config))
+  for key in present:
+    if key not in declared:
+      closest = difflib.get_close_matches(key, declared, n=1, cutoff=0.0)
+      raise ValueError(
+          f'config key {key} is not declared (closest declared key: '
+          f'{closest[0]}); config files may only set the keys of '
+          'config_schema.defaults')
+  missing = [key for key in declared if key not in present]
+  if missing:
+    raise ValueError(f'config lacks the declared key {missing[0]}; build it '
+                     'with config_schema.defaults(method)')
 
 
 def _validate_optim(optim, prefix: str) -> None:

@@ -45,6 +45,10 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'This process, 0 .. num_processes - 1 (with '
     'coordinator); or $JAXSSL_PROCESS_ID.')
+_ALLOW_CHANGE = flags.DEFINE_boolean(
+    'allow_config_change', False, 'Resume even though the config changes a '
+    'key that fixes the data order or the schedule (seed, method, '
+    'global_batch_size, dataset, shards, total steps); docs/failures.md.')
 _HEARTBEAT = flags.DEFINE_integer(
     'heartbeat_timeout', 20, 'Multi-process runs: seconds after which a '
     'silent peer counts as lost and every process stops.')
@@ -76,20 +80,24 @@ def _run_mode(mode: str) -> None:
   config = _CONFIG.value
   if config is None:
     raise app.UsageError('--config is required (a file in configs/)')
-  from jaxssl import config_schema  # pylint: disable=g-import-not-at-top
+  from jaxssl import command_line, config_schema  # pylint: disable=g-import-not-at-top
   config_schema.validate(config)
   if mode == 'preview':
+    command_line.check_writable_file('out', _OUT.value)
     from jaxssl import preview  # pylint: disable=g-import-not-at-top
     print(preview.write_view_grid(config, _OUT.value))
     return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
+  if mode in ('train', 'export'):
+    command_line.check_writable_directory('workdir', _WORKDIR.value)
   from jaxssl import distributed, evaluate, parallel, train  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize_distributed(
       _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
       heartbeat_timeout_seconds=_HEARTBEAT.value)
   if mode == 'train':
-    train.run(config, _WORKDIR.value)
+    train.run(config, _WORKDIR.value,
+              allow_config_change=_ALLOW_CHANGE.value)
   elif mode == 'eval':
     evaluate.run(config, _SOURCE.value or _WORKDIR.value,
                  parallel.make_mesh())
@@ -97,19 +105,32 @@ def _run_mode(mode: str) -> None:
     train.export_latest(_WORKDIR.value)
 
 
+def _parse_flags(argv):
+  """absl's parse, with a bad flag or `--config.<key>` as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    from jaxssl import command_line, config_schema  # pylint: disable=g-import-not-at-top
+    config = flags.FLAGS['config'].value
+    keys = list(config_schema.dotted_keys(config)) if config else []
+    print(f'jaxssl: error: {command_line.flag_error_line(e, argv, keys)}',
+          file=sys.stderr)
+    sys.exit(1)
+
+
 def run_main() -> None:
   """`jaxssl-pretrain` and `python -m jaxssl.main`."""
-  app.run(_main)
+  app.run(_main, flags_parser=_parse_flags)
 
 
 def run_eval() -> None:
   """`jaxssl-eval`: `--mode=eval`."""
-  app.run(lambda argv: _main(argv, mode='eval'))
+  app.run(lambda argv: _main(argv, mode='eval'), flags_parser=_parse_flags)
 
 
 def run_export() -> None:
   """`jaxssl-export`: `--mode=export`."""
-  app.run(lambda argv: _main(argv, mode='export'))
+  app.run(lambda argv: _main(argv, mode='export'), flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

@@ -14,8 +14,11 @@ import numpy as np
 from clu import metric_writers
 
 
+GUARDED_METRICS = ('loss', 'grad_norm', 'param_norm', 'update_norm')
+
+
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or infinite; the run stops without saving."""
+  """A guarded metric became NaN or infinite; the run stops without saving."""
 
 
 def format_duration(seconds: float) -> str:
@@ -47,17 +50,25 @@ class Reporter:
     self._pending.append(metrics)
 
   def check_finite(self, step: int) -> None:
-    """Raises NonFiniteLossError if any queued loss is not finite."""
+    """Raises NonFiniteLossError if a queued guarded metric is not finite.
+
+    The guarded metrics are big_vision's: the loss and the norms of the
+    gradient, the parameters and the update (`GUARDED_METRICS`); a step whose
+    update blows up can still report a finite loss.
+    """
     if not self._pending:
       return
-    losses = np.asarray(jax.device_get([m['loss'] for m in self._pending]))
-    bad = np.flatnonzero(~np.isfinite(losses))
-    if bad.size:
-      first = step - len(losses) + int(bad[0]) + 1
+    names = [k for k in GUARDED_METRICS if k in self._pending[0]]
+    values = np.asarray(jax.device_get(
+        [[m[k] for k in names] for m in self._pending]), np.float64)
+    bad_steps, bad_names = np.nonzero(~np.isfinite(values))
+    if bad_steps.size:
+      first = step - len(values) + int(bad_steps[0]) + 1
+      name = names[int(bad_names[0])]
       raise NonFiniteLossError(
-          f'non-finite loss {losses[bad[0]]} at step {first}; stopping '
-          'without saving, the last complete checkpoint is kept (lower the '
-          'learning rate or check the input data)')
+          f'non-finite {name} {values[bad_steps[0], bad_names[0]]} at step '
+          f'{first}; stopping without saving, the last good checkpoint is '
+          'kept (lower the learning rate or check the input data)')
 
   def write(self, step: int) -> dict[str, float]:
     """Averages the queued metrics, writes them, prints the progress line."""

@@ -100,7 +100,8 @@ def make_train_step(method: base.Method,
     metrics = dict(metrics, loss=loss,
                    learning_rate=schedule(state.step),
                    grad_norm=optax.tree.norm(grads),
-                   param_norm=optax.tree.norm(params))
+                   param_norm=optax.tree.norm(params),
+                   update_norm=optax.tree.norm(updates))
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     new_state = state.replace(step=step, params=params,
                               batch_stats=batch_stats, opt_state=opt_state,

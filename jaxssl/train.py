@@ -26,6 +26,7 @@ from jaxssl import optim
 from jaxssl import parallel
 from jaxssl import reporting
 from jaxssl import runtime
+from jaxssl import resume_guard
 from jaxssl import steps
 
 @dataclasses.dataclass
@@ -66,6 +67,12 @@ def setup(config: ml_collections.ConfigDict,
                                jax.process_count())
   if info is None:
     info = datasets.dataset_info(config.dataset)
+  if config.global_batch_size > info.num_train_examples:
+    raise ValueError(
+        f'global_batch_size={config.global_batch_size} is larger than the '
+        f'{info.num_train_examples} examples of dataset.train_split='
+        f'{config.dataset.train_split!r}; use a smaller batch or a larger '
+        'split')
   steps_per_epoch = input_pipeline.steps_per_epoch(
       config, info.num_train_examples)
   total_steps = total_train_steps(config, steps_per_epoch)
@@ -184,17 +191,35 @@ def agreed_latest_step(ckpt: checkpoint.Checkpointer) -> int | None:
   return step
 
 
-def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer):
-  """Returns `(state, start_step)` from the latest checkpoint or from init."""
-  start = agreed_latest_step(ckpt)
-  if start is None:
-    return s.init_fn(), 0
+def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer, *,
+                    allow_config_change: bool = False):
+  """Returns `(state, start_step)` from the newest good checkpoint or init.
+
+  A damaged newest step falls back to the previous good one
+  (`Checkpointer.restore_newest_good`); a step whose resume keys or array
+  shapes differ from this config's is refused (`resume_guard`).
+  """
+  agreed_latest_step(ckpt)
   abstract = checkpoint.abstract_with_sharding(
       jax.eval_shape(s.init_fn), parallel.replicated(s.mesh))
-  _check_resumable(
-      checkpoint.saved_state_shapes(str(ckpt.directory.parent), start),
-      checkpoint.shapes_by_path(abstract), ckpt.directory)
-  return ckpt.restore(start, abstract), start
+  current = resume_guard.resume_keys(s.config, total_steps=s.total_steps,
+                                     process_count=jax.process_count())
+
+  def check_fits(step, meta, saved_shapes):
+    resume_guard.check_resume_keys(meta.get('resume_keys'), current,
+                                   step=step, allow_change=allow_config_change)
+    _check_resumable(saved_shapes, checkpoint.shapes_by_path(abstract),
+                     ckpt.directory)
+
+  restored = ckpt.restore_newest_good(abstract, check_fits)
+  if restored is None:
+    return s.init_fn(), 0
+  start, state, _ = restored
+  if len(set(distributed.process_values(start))) > 1:
+    raise ValueError(f'processes restored different steps from '
+                     f'{ckpt.directory}; every process needs the same '
+                     '--workdir, on storage they all share')
+  return state, start
 
 
 def global_batch(local: dict[str, Any], mesh) -> dict[str, Any]:
@@ -204,11 +229,15 @@ def global_batch(local: dict[str, Any], mesh) -> dict[str, Any]:
       lambda x: jax.make_array_from_process_local_data(sharding, x), local)
 
 
-def train(s: Setup, workdir: str):
-  """Runs (or resumes) pretraining to `s.total_steps`; returns the state."""
+def train(s: Setup, workdir: str, *, allow_config_change: bool = False):
+  """Runs (or resumes) pretraining to `s.total_steps`; returns the state.
+
+  `allow_config_change`: resume even if a `resume_guard` key changed.
+  """
   config = s.config
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-  state, start = restore_or_init(s, ckpt)
+  state, start = restore_or_init(s, ckpt,
+                                 allow_config_change=allow_config_change)
   if jax.process_index() == 0:
     print(f'{config.method}: {s.total_steps} steps ({s.steps_per_epoch} per '
           f'epoch) at global batch {config.global_batch_size} on '
@@ -227,7 +256,10 @@ def train(s: Setup, workdir: str):
   meta = {'config': _jsonable(config.to_dict()),
           'resolved': _jsonable(s.resolved),
           'encoder_spec': evaluate.encoder_spec(
-              config, num_channels=s.info.image_shape[-1], step=0)}
+              config, num_channels=s.info.image_shape[-1], step=0),
+          'resume_keys': resume_guard.resume_keys(
+              config, total_steps=s.total_steps,
+              process_count=jax.process_count())}
   try:
     for step in range(start + 1, s.total_steps + 1):
       state, metrics = s.train_step(state, global_batch(next(batches), s.mesh))
@@ -256,8 +288,21 @@ def export(s: Setup, state, destination: str) -> str:
   return destination
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _check_eval_splits(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError before pretraining if an evaluation split is missing."""
+  builder = datasets.get_builder(config.dataset)
+  for key in ('eval_train_split', 'eval_test_split'):
+    try:
+      datasets.split_num_examples(builder, config.dataset[key])
+    except ValueError as e:
+      raise ValueError(f'dataset.{key}: {e}') from None
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        allow_config_change: bool = False) -> dict[str, Any]:
   """Pretrains, exports the encoder and, if configured, evaluates it.
+
+  `allow_config_change`: see `train`.
 
   Returns:
     `{'step': final step, 'eval': linear-eval results or None}`.
@@ -265,7 +310,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   s = setup(config)
   if config.eval_after_training:
     evaluate.check_eval_config(config, s.mesh)
-  state = train(s, workdir)
+    _check_eval_splits(config)
+  state = train(s, workdir, allow_config_change=allow_config_change)
   destination = str(epath.Path(workdir) / checkpoint.EXPORT_SUBDIR)
   export(s, state, destination)
   results = None

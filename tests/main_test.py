@@ -14,27 +14,100 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _jaxssl(*args, data_dir):
+  """Runs the CLI on configs/simclr_tiny.py (or an `args` `--config=`)."""
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  config = [a for a in args if a.startswith('--config=')]
+  args = [a for a in args if not a.startswith('--config=')]
   return subprocess.run(
-      [sys.executable, '-m', 'jaxssl.main', '--config=configs/simclr_tiny.py',
+      [sys.executable, '-m', 'jaxssl.main',
+       *(config or ['--config=configs/simclr_tiny.py']),
        f'--config.dataset.data_dir={data_dir}', *args],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize('flag, message', [
-    ('--config.global_batch_size=36',
-     'jaxssl: error: global_batch_size=36 is not divisible by the device '
-     'count 8; use a multiple of 8'),
-    ('--config.simclr.temperature=0',
-     'jaxssl: error: simclr.temperature=0.0 must be > 0'),
-])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, fashion_mnist_dir,
-                                                  flag, message):
+def _misspelt_config_file(tmp_path):
+  path = tmp_path / 'misspelt.py'
+  path.write_text(
+      'import importlib.util\n'
+      f'_spec = importlib.util.spec_from_file_location("t", "{REPO}/configs/'
+      'simclr_tiny.py")\n'
+      '_m = importlib.util.module_from_spec(_spec)\n'
+      '_spec.loader.exec_module(_m)\n'
+      'def get_config():\n'
+      '  c = _m.get_config()\n'
+      '  c.optim.base_learing_rate = 5.0\n'
+      '  return c\n')
+  return f'--config={path}'
+
+
+# (extra arguments, the one line on stderr); {tmp} is the test's tmp_path.
+BAD_INPUTS = [
+    (['--config.global_batch_size=36'],
+     'global_batch_size=36 is not divisible by the device count 8; use a '
+     'multiple of 8'),
+    (['--config.simclr.temperature=0'], 'simclr.temperature=0.0 must be > 0'),
+    (['--config.optim.base_learing_rate=5'],
+     '--config.optim.base_learing_rate: the config declares no key '
+     'optim.base_learing_rate; closest declared key: '
+     'optim.base_learning_rate'),
+    (['--config.zzzq=1'], '--config.zzzq: the config declares no key zzzq'),
+    (['--config.seed=abc'],
+     "bad command line: flag --config.seed=abc: invalid literal for int() "
+     "with base 10: 'abc'"),
+    (['MISSPELT_FILE'],
+     'config key optim.base_learing_rate is not declared (closest declared '
+     'key: optim.base_learning_rate); config files may only set the keys of '
+     'config_schema.defaults'),
+    (['--config.dataset.image_size=100000'],
+     'dataset.image_size=100000 must be in 1 .. 4096'),
+    (['--config.global_batch_size=4096'],
+     'global_batch_size=4096 is larger than the 2048 examples of '
+     "dataset.train_split='train[:2048]'; use a smaller batch or a larger "
+     'split'),
+    (['--config.dataset.eval_test_split=nosuch'],
+     "dataset.eval_test_split: bad split 'nosuch' for dataset "
+     "'fashion_mnist' (Unknown split 'nosuch'. Should be one of ['train', "
+     "'test'].); known splits: train, test"),
+    (['--workdir={tmp}/file'],
+     '--workdir={tmp}/file is a file; give a directory (it is created if '
+     'missing)'),
+    (['--workdir={tmp}/file/run'],
+     '--workdir={tmp}/file/run is under the file {tmp}/file; give a '
+     'directory (it is created if missing)'),
+    (['--mode=preview', '--out={tmp}/missing/views.png'],
+     '--out={tmp}/missing/views.png: the folder {tmp}/missing does not '
+     'exist; create it first'),
+    (['--mode=preview', '--out={tmp}'],
+     '--out={tmp} is a directory; give a file name'),
+]
+
+
+@pytest.fixture(scope='module')
+def prepared_data(fashion_mnist_dir):
+  """The data_dir with Fashion-MNIST prepared, so no test sees tfds' logs."""
+  from jaxssl import datasets  # pylint: disable=g-import-not-at-top
+  datasets.dataset_info(load_config(
+      'simclr_tiny', **{'dataset.data_dir': fashion_mnist_dir}).dataset)
+  return fashion_mnist_dir
+
+
+@pytest.mark.parametrize('args, message', BAD_INPUTS,
+                         ids=[' '.join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, prepared_data,
+                                                  args, message):
+  (tmp_path / 'file').write_text('not a directory')
+  before = sorted(p.name for p in tmp_path.iterdir())
   workdir = tmp_path / 'run'
-  result = _jaxssl(f'--workdir={workdir}', flag, data_dir=fashion_mnist_dir)
+  args = [_misspelt_config_file(tmp_path) if a == 'MISSPELT_FILE'
+          else a.format(tmp=tmp_path) for a in args]
+  result = _jaxssl(f'--workdir={workdir}', *args, data_dir=prepared_data)
   assert result.returncode == 1
-  assert result.stderr.strip().splitlines()[-1] == message
-  assert not (workdir / 'checkpoints').exists()
+  assert 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines() == [
+      'jaxssl: error: ' + message.format(tmp=tmp_path)]
+  after = sorted(p.name for p in tmp_path.iterdir()
+                 if p.name != 'misspelt.py')
+  assert after == before  # no workdir, no export, no picture
 
 
 def test_export_and_eval_modes(tmp_path, fashion_mnist_dir):

@@ -7,6 +7,7 @@ TensorBoard event files, and the non-finite-loss stop.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -169,15 +170,32 @@ def test_relative_workdir(tiny, tmp_path, monkeypatch):
   assert spec['step'] == 8
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tiny, tmp_path):
+def test_divergence_stops_and_a_restart_continues_from_the_last_good_step(
+    tiny, tmp_path):
+  """big_vision's rule: loss and gradient, parameter and update norms."""
   workdir = str(tmp_path / 'nan')
-  config = tiny(eval_after_training=False)
-  train.run(config, workdir)  # steps 4 and 8 saved
-  hot = tiny(eval_after_training=False, num_train_steps=16,
+  hot = tiny(eval_after_training=False, checkpoint_every_steps=1,
              **{'optim.base_learning_rate': 1e30})
-  with pytest.raises(reporting.NonFiniteLossError, match='non-finite loss'):
+  with pytest.raises(FloatingPointError) as error:
     train.run(hot, workdir)
-  assert checkpoint.Checkpointer(workdir, keep=2).latest_step() == 8
+  found = re.fullmatch(
+      r'non-finite (loss|grad_norm|param_norm|update_norm) \S+ at step (\d+); '
+      r'stopping without saving, the last good checkpoint is kept \(lower '
+      r'the learning rate or check the input data\)', str(error.value))
+  assert found, str(error.value)
+  bad_step = int(found.group(2))
+  ckpt = checkpoint.Checkpointer(workdir, keep=3)
+  saved = ckpt.all_steps()
+  ckpt.close()
+  assert max(saved, default=0) == bad_step - 1
+  for step in saved:  # every checkpoint on disk can be continued from
+    state = restore_state(hot, workdir, step)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state)
+               if np.issubdtype(x.dtype, np.floating))
+  # The same run at the config's own rate resumes and finishes.
+  result = train.run(tiny(eval_after_training=False, checkpoint_every_steps=1),
+                     workdir)
+  assert result['step'] == 8
 
 
 @pytest.mark.parametrize('overrides, match', [
