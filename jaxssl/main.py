@@ -58,9 +58,13 @@ def _main(argv, mode=None) -> None:
     # Library INFO logs (orbax, tfds, clu) drown the progress line; -v 0
     # brings them back (and full tracebacks for the errors below).
     logging.set_verbosity(logging.WARNING)
-  from jaxssl import distributed  # pylint: disable=g-import-not-at-top
+  from jaxssl import distributed, preemption  # pylint: disable=g-import-not-at-top
   try:
     _run_mode(mode or _MODE.value)
+  except preemption.Preempted as e:  # SIGTERM/SIGINT: saved, resumable
+    distributed.finish_distributed()
+    print(f'jaxssl: {e}', file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_PREEMPTED)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     if not verbose:
       distributed.exit_with_error(f'jaxssl: error: {e}')
