@@ -102,4 +102,4 @@ class StopRequests:
 
   def reason(self) -> str:
     """The signal's name, or the peer's part in it (for the message)."""
-    return self.signal_name or 'a stop signal to another process'
+    return self.signal_name or 'a signal sent to another process'
