@@ -68,6 +68,7 @@ def test_stop_saves_that_step_and_resumes_exactly(tiny, tmp_path, signum,
   straight = str(tmp_path / 'straight')
   train.train(s, straight)
   workdir = str(tmp_path / 'stopped')
+  handler = signal.getsignal(signum)
   with pytest.raises(preemption.Preempted) as stopped:
     train.train(_signalling_at(s, at_step, signum), workdir)
   name = signal.Signals(signum).name
@@ -77,7 +78,7 @@ def test_stop_saves_that_step_and_resumes_exactly(tiny, tmp_path, signum,
       f'{workdir}/checkpoints; rerun the same command to resume from step '
       f'{at_step}')
   assert checkpoint.Checkpointer(workdir, keep=2).latest_step() == at_step
-  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+  assert signal.getsignal(signum) is handler  # restored
   resumed = train.train(s, workdir)
   assert int(resumed.step) == config.num_train_steps
   jax.tree.map(np.testing.assert_array_equal,
