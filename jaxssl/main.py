@@ -62,9 +62,20 @@ def _main(argv, mode=None) -> None:
     # Library INFO logs (orbax, tfds, clu) drown the progress line; -v 0
     # brings them back (and full tracebacks for the errors below).
     logging.set_verbosity(logging.WARNING)
-  from jaxssl import distributed  # pylint: disable=g-import-not-at-top
+  from jaxssl import distributed, preemption, supervisor  # pylint: disable=g-import-not-at-top
+  mode = mode or _MODE.value
   try:
-    _run_mode(mode or _MODE.value)
+    if supervisor.is_worker():
+      supervisor.become_worker()
+    elif mode != 'preview' and _is_multi_process():
+      # A native abort after a lost peer becomes one line (see supervisor).
+      sys.exit(supervisor.supervise([*sys.argv[1:], f'--mode={mode}'],
+                                    hold=not verbose))
+    _run_mode(mode)
+  except preemption.Preempted as e:  # SIGTERM/SIGINT: saved, resumable
+    distributed.finish_distributed()
+    print(f'jaxssl: {e}', file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_PREEMPTED)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     if not verbose:
       distributed.exit_with_error(f'jaxssl: error: {e}')
@@ -74,6 +85,13 @@ def _main(argv, mode=None) -> None:
     distributed.exit_after_error(e)
     raise
   distributed.finish_distributed()
+
+
+def _is_multi_process() -> bool:
+  from jaxssl import distributed  # pylint: disable=g-import-not-at-top
+  return bool(distributed.process_flags(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+              or distributed.detect_cluster())
 
 
 def _run_mode(mode: str) -> None:
@@ -92,9 +110,12 @@ def _run_mode(mode: str) -> None:
   if mode in ('train', 'export'):
     command_line.check_writable_directory('workdir', _WORKDIR.value)
   from jaxssl import distributed, evaluate, parallel, train  # pylint: disable=g-import-not-at-top
-  distributed.maybe_initialize_distributed(
+  if distributed.maybe_initialize_distributed(
       _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-      heartbeat_timeout_seconds=_HEARTBEAT.value)
+      heartbeat_timeout_seconds=_HEARTBEAT.value):
+    import jax  # pylint: disable=g-import-not-at-top
+    from jaxssl import supervisor  # pylint: disable=g-import-not-at-top
+    supervisor.report_identity(jax.process_index(), jax.process_count())
   if mode == 'train':
     train.run(config, _WORKDIR.value,
               allow_config_change=_ALLOW_CHANGE.value)

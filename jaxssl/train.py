@@ -24,6 +24,7 @@ from jaxssl import methods
 from jaxssl import models
 from jaxssl import optim
 from jaxssl import parallel
+from jaxssl import preemption
 from jaxssl import reporting
 from jaxssl import runtime
 from jaxssl import resume_guard
@@ -260,19 +261,29 @@ def train(s: Setup, workdir: str, *, allow_config_change: bool = False):
           'resume_keys': resume_guard.resume_keys(
               config, total_steps=s.total_steps,
               process_count=jax.process_count())}
+  stopped_at = None
   try:
-    for step in range(start + 1, s.total_steps + 1):
-      state, metrics = s.train_step(state, global_batch(next(batches), s.mesh))
-      reporter.add(metrics)
-      last = step == s.total_steps
-      if step % config.log_every_steps == 0 or last:
-        reporter.write(step)
-      if step % config.checkpoint_every_steps == 0 or last:
-        reporter.check_finite(step)
-        ckpt.save(step, state, meta)
+    with preemption.StopRequests() as stop:
+      for step in range(start + 1, s.total_steps + 1):
+        state, metrics = s.train_step(state,
+                                      global_batch(next(batches), s.mesh))
+        reporter.add(metrics)
+        # A signal stops every process after the same step (a collective).
+        stopping = stop.should_stop()
+        last = step == s.total_steps or stopping
+        if step % config.log_every_steps == 0 or last:
+          reporter.write(step)
+        if step % config.checkpoint_every_steps == 0 or last:
+          reporter.check_finite(step)
+          ckpt.save(step, state, meta)
+        if stopping:
+          stopped_at = step
+          break
   finally:
     ckpt.wait()
     reporter.close()
+  if stopped_at is not None:
+    raise preemption.Preempted(stop.reason(), stopped_at, str(ckpt.directory))
   return state
 
 

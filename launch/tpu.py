@@ -245,10 +245,20 @@ def run_commands(args):
 
 
 def stop_commands(args):
-  """Stops the training process started by `run` on every worker."""
+  """Stops the training process started by `run` on every worker.
+
+  SIGTERM first: every process finishes its step, saves a checkpoint and
+  exits (docs/failures.md); a process still alive after --grace seconds is
+  killed with SIGKILL (it then resumes from the checkpoint before).
+  """
   pid_file = shlex.quote(_file_stem(args) + '.pid')
-  script = (f'cd "$HOME"; test -f {pid_file} && kill "$(cat {pid_file})"; '
-            f'rm -f {pid_file}')
+  script = (f'cd "$HOME"; if test -f {pid_file}; then p="$(cat {pid_file})"; '
+            'kill -TERM "$p" 2>/dev/null; i=0; '
+            # A zombie (exited, not yet reaped) counts as stopped.
+            'while kill -0 "$p" 2>/dev/null && [ "$(ps -o stat= -p "$p" | '
+            f'cut -c1)" != Z ] && [ "$i" -lt {args.grace} ]; '
+            'do sleep 1; i=$((i + 1)); done; '
+            f'kill -KILL "$p" 2>/dev/null; fi; rm -f {pid_file}')
   return [_ssh(args, 'all', script)]
 
 
@@ -382,6 +392,10 @@ def build_parser():
   sub['ssh'].add_argument('--command', dest='remote_command', default=None,
                           help='run this shell command instead of a login '
                           'shell (passed to the workers as is)')
+  sub['stop'].add_argument(
+      '--grace', type=int, default=120,
+      help='seconds to wait after SIGTERM (the run saves a checkpoint) '
+      'before SIGKILL')
   sub['status'].add_argument('--queued', action='store_true')
   sub['delete'].add_argument('--queued', action='store_true',
                              help='delete the queued resource and its node')

@@ -321,6 +321,27 @@ def test_stop_script_kills_the_recorded_process(tmp_path):
       sleeper.kill()
 
 
+def test_stop_script_kills_a_process_that_outlives_the_grace(tmp_path):
+  home = tmp_path / 'home'
+  home.mkdir()
+  ready = tmp_path / 'ready'
+  stubborn = subprocess.Popen(
+      [sys.executable, '-c', 'import signal, sys, time; '
+       'signal.signal(signal.SIGTERM, signal.SIG_IGN); '
+       'open(sys.argv[1], "w").close(); time.sleep(60)', str(ready)])
+  try:
+    while not ready.exists():  # the SIGTERM handler is in place
+      time.sleep(0.05)
+    (home / f'jaxssl_{NAME}.pid').write_text(f'{stubborn.pid}\n')
+    (argv,) = dry('stop', *BASE, '--grace=2')
+    assert run_remote('sh', remote(argv), home).returncode == 0
+    assert stubborn.wait(timeout=10) == -9  # SIGKILL, after the SIGTERM
+    assert not (home / f'jaxssl_{NAME}.pid').exists()
+  finally:
+    if stubborn.poll() is None:
+      stubborn.kill()
+
+
 def _fake_python311(tmp_path, fake_python, has_venv):
   """A bin dir with python3.11 (makes venvs from the fake) and a fake sudo."""
   bin_dir = tmp_path / 'bin'

@@ -4,7 +4,8 @@ Covers: 2 processes × 4 devices train like 1 process × 8 devices at the same
 global batch and seed (losses and parameters); each process reads only its
 half of the train split; a 2-process checkpoint resumes in a 1-process run
 and continues like an uninterrupted one; killing either process, or an error
-in one, stops the other within 60 s with a message that names the peer.
+in one, stops the other within 60 s with one line that names the peer;
+SIGTERM to either or both stops both after the same step, saved.
 
 The processes run `python -m jaxssl.main` exactly as a user would; the
 1-process twins run in this (8-device) test process.
@@ -31,6 +32,8 @@ from jaxssl import datasets
 from jaxssl import distributed
 from jaxssl import input_pipeline
 from jaxssl import parallel
+from jaxssl import preemption
+from jaxssl import supervisor
 from jaxssl import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -213,28 +216,77 @@ def _wait_for(path, text, processes, timeout):
 @pytest.mark.parametrize('victim', [1, 0])
 def test_a_killed_process_stops_its_peer_within_60s(data_dir, tmp_path,
                                                     victim):
+  # Whichever process dies, and wherever the survivor is (its watchdog, or a
+  # collective that aborts natively), the survivor's supervisor ends it with
+  # one line naming the peer, and no dump.
   processes = _start_pod(tmp_path / 'run', data_dir, tmp_path,
                          {'num_train_steps': 100_000})
+  survivor = 1 - victim
   try:
     _wait_for(tmp_path / 'out0', 'step 2/', processes, STARTUP_TIMEOUT_S)
+    before = _read(tmp_path, f'err{survivor}')
     processes[victim].send_signal(signal.SIGKILL)
     killed = time.monotonic()
-    survivor = 1 - victim
     code = processes[survivor].wait(PEER_EXIT_BOUND_S + 30)
     elapsed = time.monotonic() - killed
   finally:
     _wait_all(processes, 1)
   err = _read(tmp_path, f'err{survivor}')
-  assert code != 0 and elapsed < PEER_EXIT_BOUND_S, (code, elapsed, err)
-  if victim == 1:
-    # Process 0 stays up and its watchdog names the peer, in one line.
-    assert code == 1
-    assert err.strip().splitlines()[-1].startswith(
-        'jaxssl: error: lost process 1 of 2: no heartbeat for ')
-  else:
-    # Process 0 hosts JAX's coordination service: JAX itself aborts the
-    # others at once, naming the lost leader (process 0).
-    assert 'Either the leader task was preempted/died' in err
+  assert elapsed < PEER_EXIT_BOUND_S, (code, elapsed, err)
+  assert code == supervisor.EXIT_PEER_LOST, (code, err)
+  assert err.startswith(before)
+  (line,) = err[len(before):].strip().splitlines()
+  assert line.startswith(f'jaxssl: error: lost process {victim} of 2'), err
+  assert line.endswith('restart every process with the same --workdir to '
+                       'resume from the last checkpoint)')
+  for dump in ('Fatal Python error', 'terminate called', 'Traceback'):
+    assert dump not in err
+
+
+def _stop_pod(workdir, data_dir, logs, signalled, at_step):
+  """Starts a pod, sends SIGTERM to `signalled` once `at_step` is out.
+
+  Returns:
+    The pod's exit codes and stderr texts.
+  """
+  # Many steps, rare checkpoints: only the signal ends the run, and only
+  # the stop saves. The same settings on restart (they fix the schedule).
+  processes = _start_pod(workdir, data_dir, logs,
+                         {'num_train_steps': 100_000,
+                          'checkpoint_every_steps': 1000})
+  try:
+    _wait_for(logs / 'out0', f'step {at_step}/', processes, STARTUP_TIMEOUT_S)
+    for q in signalled:
+      processes[q].send_signal(signal.SIGTERM)
+    codes = [p.wait(PEER_EXIT_BOUND_S) for p in processes]
+  finally:
+    _wait_all(processes, 1)
+  return codes, [_read(logs, f'err{q}') for q in range(2)]
+
+
+@pytest.mark.parametrize('signalled', [(1,), (0, 1)])
+def test_sigterm_stops_both_processes_after_the_same_step(
+    data_dir, tmp_path, signalled):
+  # The signal may reach one process only: the per-step agreement stops
+  # both after the same step, and both save it; the restart resumes there.
+  workdir = tmp_path / 'run'
+  saved = 0
+  for attempt in range(2):
+    codes, errs = _stop_pod(workdir, data_dir, tmp_path, signalled,
+                            at_step=saved + 2)
+    assert codes == [preemption.EXIT_PREEMPTED] * 2, errs
+    if attempt:
+      assert f'resuming from step {saved}' in _read(tmp_path, 'out0')
+    step = checkpoint.Checkpointer(str(workdir), keep=2).latest_step()
+    assert step >= saved + 2
+    for q, err in enumerate(errs):
+      why = 'SIGTERM' if q in signalled else 'a signal sent to another process'
+      assert err.strip().splitlines()[-1] == (
+          f'jaxssl: stopped by {why} after step {step}; its checkpoint is '
+          f'saved in {workdir}/checkpoints; rerun the same command to resume '
+          f'from step {step}'), err
+      assert 'Traceback' not in err
+    saved = step
 
 
 def test_an_error_in_one_process_stops_the_other(data_dir, tmp_path):
