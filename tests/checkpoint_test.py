@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import restore_state, tiny_factory
+from helpers import restore_state, tiny_factory
 from jaxssl import checkpoint
 from jaxssl import train
 

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from etils import epath
 
-from conftest import restore_state
-from conftest import tiny_factory
+from helpers import restore_state
+from helpers import tiny_factory
 from jaxssl import checkpoint
 from jaxssl import preemption
 from jaxssl import train

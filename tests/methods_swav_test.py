@@ -247,7 +247,8 @@ def test_prototypes_frozen_then_renormalised(mesh8, freeze):
   # A large learning rate, so that an update visibly changes the norms.
   config = load_config('swav_tiny', **{
       'swav.freeze_prototypes_niters': freeze,
-      'optim.base_learning_rate': 30.0, 'num_train_steps': freeze + 2})
+      'optim.base_learning_rate': 30.0, 'num_train_steps': freeze + 2,
+      'augment.num_small_views': MULTI_CROP[1][0]})
   _, init_fn, step_fn = _stepper(config, mesh8)
   state = init_fn()
   np.testing.assert_allclose(_kernel_column_norms(state), 1.0, rtol=1e-6)

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import restore_state
-from conftest import tiny_factory
+from helpers import restore_state
+from helpers import tiny_factory
 from jaxssl import checkpoint
 from jaxssl import preemption
 from jaxssl import train

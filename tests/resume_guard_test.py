@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import load_config
+from helpers import load_config
 from jaxssl import resume_guard
 
 

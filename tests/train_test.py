@@ -144,7 +144,7 @@ def test_run_exports_and_evaluates(tiny, tmp_path, capsys):
   # Every auto/0 sentinel is resolved once, printed and saved.
   resolved = {'steps_per_epoch': 64, 'total_steps': 8,
               'dataset.num_shards': 1, 'model.stem': 'cifar',
-              'num_devices': 8, 'head.hidden_dim': 32}
+              'num_devices': 8, 'head.hidden_dim': 32, 'kernels': 'xla'}
   assert train.resolved_line(resolved) in out.splitlines()
   assert checkpoint.read_training_meta(workdir, 8)[1]['resolved'] == resolved
   mesh = parallel.make_mesh()
