@@ -4,6 +4,9 @@ python -m jaxssl.main --config=configs/moco_v2_fashion_mnist.py --workdir=workdi
 Expected: about 88.3% linear-probe top-1, about 2.9 points above the same
 encoder at random init (85.4%); measured 88.29% in 12m53s on the 2-core
 CPU while it was shared with other jobs (docs/results.md).
+Measured on 2026-11-22, before issue 15's re-layout (colour jitter,
+grayscale, blur and solarize moved into the jitted step: same laws, other
+random draws; the fused BatchNorm VJP removed); not re-measured since.
 """
 
 from jaxssl import config_presets

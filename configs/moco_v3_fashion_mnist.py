@@ -3,6 +3,9 @@
 python -m jaxssl.main --config=configs/moco_v3_fashion_mnist.py --workdir=workdirs/moco_v3_fmnist
 Expected: 87.78% linear-probe top-1, 2.39 points above the same encoder at
 random init (85.39%), in 9m25s on the 2-core CPU (docs/results.md).
+Measured on 2026-11-22, before issue 15's re-layout (colour jitter,
+grayscale, blur and solarize moved into the jitted step: same laws, other
+random draws; the fused BatchNorm VJP removed); not re-measured since.
 
 Differences from the ImageNet recipe (configs/moco_v3_tpu.py), for ten
 minutes of CPU: `small_cnn` with a 256-d dense representation, the SimCLR

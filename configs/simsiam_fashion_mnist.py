@@ -5,6 +5,9 @@ Expected: 88.01% linear-probe top-1, 2.61 points above the same encoder at
 random init (85.40%), in 10m28s on the 2-core CPU (docs/results.md; seeds
 spread by about 0.4 point; 87.51% before the Winograd convolutions, which
 change float32 rounding only).
+Measured on 2026-11-22, before issue 15's re-layout (colour jitter,
+grayscale, blur and solarize moved into the jitted step: same laws, other
+random draws; the fused BatchNorm VJP removed); not re-measured since.
 
 Differences from the ImageNet recipe (configs/simsiam_tpu.py), for ten
 minutes of CPU: `small_cnn` with a 256-d dense representation, the SimCLR

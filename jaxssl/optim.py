@@ -1,4 +1,4 @@
-"""Optimizers of the official recipes: LARS variants, SGD, AdamW, and EMA.
+"""Optimizers of the official recipes: LARS variants, SGD and AdamW.
 
 `config.optim` keys (declared in every config file):
   * `name`: 'lars', 'sgd' (momentum SGD, coupled L2) or 'adamw'.
@@ -12,6 +12,8 @@
     `jaxssl.schedules.peak_learning_rate`.
   * `schedule`, `warmup_epochs`, `warmup_start_lr`, `final_lr`: see
     `jaxssl.schedules.make_schedule`.
+
+The EMA of target networks is `jaxssl.methods.common.ema_update`.
 
 Excluded parameters get neither weight decay nor trust-ratio adaptation; they
 still follow momentum SGD with the scheduled learning rate, as in every
@@ -27,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxssl.methods.common import ema_update  # noqa: F401  (re-export)
 from jaxssl.schedules import ema_momentum_schedule  # noqa: F401  (re-export)
 from jaxssl.schedules import make_schedule  # noqa: F401  (re-export)
 from jaxssl.schedules import peak_learning_rate  # noqa: F401  (re-export)

@@ -187,3 +187,35 @@ def test_shard_batch_keeps_values_and_shards_over_data(mesh8):
   y = jax.jit(lambda x: common.shard_batch(x * 2, mesh8))(x)
   np.testing.assert_array_equal(y, 2 * np.asarray(x))
   assert y.sharding.spec == P('data')
+
+
+def test_ema_update_matches_formula():
+  rng = np.random.default_rng(3)
+  target = {'a': rng.normal(size=(3, 4)), 'b': {'c': rng.normal(size=(5,))}}
+  online = jax.tree.map(lambda x: x + rng.normal(size=x.shape), target)
+  as_f32 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
+                                     tree)
+  tau = 0.99
+  out = jax.jit(common.ema_update)(as_f32(target), as_f32(online),
+                                   jnp.float32(tau))
+  expected = jax.tree.map(lambda t, o: tau * t + (1 - tau) * o, target, online)
+  for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(expected)):
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize('tau, pick', [(1., 'target'), (0., 'online')])
+def test_ema_update_endpoints(tau, pick):
+  target = {'w': jnp.full((2,), 3., jnp.float32)}
+  online = {'w': jnp.full((2,), -1., jnp.float32)}
+  out = common.ema_update(target, online, tau)
+  np.testing.assert_array_equal(out['w'], (target if pick == 'target'
+                                           else online)['w'])
+
+
+def test_ema_update_keeps_leaf_dtype():
+  target = {'w': jnp.ones((4,), jnp.bfloat16)}
+  online = {'w': jnp.zeros((4,), jnp.float32)}
+  out = common.ema_update(target, online, 0.75)
+  assert out['w'].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(out['w'], np.float32), 0.75)

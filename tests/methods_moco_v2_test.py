@@ -19,7 +19,9 @@ from helpers import run_steps_with_losses as _run_steps
 from helpers import make_method, load_config, restore_state, tiny_factory
 from jaxssl import evaluate
 from jaxssl import parallel
+from jaxssl import steps
 from jaxssl import train
+from jaxssl.augment import device
 from jaxssl.methods import common
 
 GROUPS = 8  # moco_v2_tiny's bn_groups
@@ -298,10 +300,14 @@ def test_queue_is_replicated_and_wraps(tiny, mesh8):
     # This step's keys, recomputed outside the step, at the old pointer.
     rng = jax.random.fold_in(jax.random.wrap_key_data(before.rng),
                              before.step)
-    key_params = common.ema_update(
-        before.extra['target']['params'], before.params, config.moco_v2.momentum)
-    k, _ = jax.jit(s.method.keys)(key_params, before.extra['target']['batch_stats'],
-                                  batch['views'][0][:, 1], rng)
+    key_params = common.ema_update(before.extra['target']['params'],
+                                   before.params, config.moco_v2.momentum)
+    # The step finishes the host's crops on device before the forward.
+    (views,) = device.finish_views(
+        batch['views'], jax.random.fold_in(rng, steps.AUGMENT_STREAM),
+        config.augment)
+    k, _ = jax.jit(s.method.keys)(
+        key_params, before.extra['target']['batch_stats'], views[:, 1], rng)
     ptr = int(before.extra['queue_ptr'])
     rows = slice(ptr, ptr + BATCH)
     queue = shards[0]
