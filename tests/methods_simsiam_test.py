@@ -172,7 +172,12 @@ def test_eight_devices_equal_one_device(tiny, mesh1, mesh8):
   for (_, state1, metrics1), (_, state8, metrics8) in zip(one, eight):
     for key in ('loss', 'target_online_agreement', 'embedding_std',
                 'view_agreement', 'grad_norm', 'param_norm'):
-      np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=1e-5)
+      # The loss and the agreements are means of cosines, terms in [-1, 1]
+      # that cancel (the loss was 0.0021 at step 3 here): 1e-5 of the terms'
+      # scale, 1, is the bound; 1e-5 of a near-zero mean is not.
+      cosines = key in ('loss', 'target_online_agreement', 'view_agreement')
+      np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=1e-5,
+                                 atol=1e-5 if cosines else 0, err_msg=key)
     assert state8.extra == state1.extra == {}
     # The predictor's hidden BN normalises `W z` where z has zero batch mean
     # (affine-free BN): its running mean is zero in exact arithmetic, so the
