@@ -10,25 +10,16 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from helpers import model_config
 from jaxssl import cpu_kernels
 from jaxssl import models
 from jaxssl.cpu_kernels import winograd
 from jaxssl.models import layers
 
 _KEY = jax.random.key(0, impl='rbg')  # fast init on CPU
-
-
-def _config(**overrides):
-  config = ml_collections.ConfigDict(dict(
-      encoder='resnet18', width_multiplier=1, stem='auto', dtype='float32',
-      bn_momentum=0.9, bn_epsilon=1e-5, zero_init_residual=True,
-      input_normalization='none'))
-  config.update(overrides)
-  return config
 
 
 @pytest.mark.parametrize('kernels,local_devices,backend,expected', [
@@ -67,7 +58,7 @@ def test_select_factories_bad_arguments(kernels, local_devices, message):
 def test_xla_factories_trace_plain_convolutions():
   # Off a 1-device CPU the encoder is exactly XLA's: no matmul convolution.
   factories = cpu_kernels.select_factories(backend='gpu', local_devices=1)
-  encoder = models.make_encoder(_config(encoder='tiny_cnn'), image_size=8,
+  encoder = models.make_encoder(model_config(encoder='tiny_cnn'), image_size=8,
                                 conv=factories.conv, norm=factories.norm)
   x = jnp.ones((2, 8, 8, 3))
   variables = encoder.init(_KEY, x, train=False)
@@ -100,7 +91,7 @@ def test_cpu_encoder_trains_like_xla(monkeypatch):
   original = winograd.conv3x3
   monkeypatch.setattr(winograd, 'conv3x3', lambda *args: (
       winograd_calls.append(args[1].shape), original(*args))[1])
-  config = _config(encoder='resnet18', width_multiplier=1)
+  config = model_config(encoder='resnet18', width_multiplier=1)
   cpu = cpu_kernels.select_factories('cpu')
   fast = models.make_encoder(config, image_size=image_size, conv=cpu.conv,
                              norm=cpu.norm)

@@ -132,3 +132,14 @@ def assert_close_8_vs_1(a, b):
   """8-device vs 1-device leaves: rtol 1e-5, atol 1e-5 of b's largest."""
   import numpy as np
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
+def model_config(**overrides):
+  """A float32 ResNet-18 `config.model` (auto stem, no input normalisation)."""
+  import ml_collections
+  config = ml_collections.ConfigDict(dict(
+      encoder='resnet18', width_multiplier=1, stem='auto', dtype='float32',
+      bn_momentum=0.9, bn_epsilon=1e-5, zero_init_residual=True,
+      input_normalization='none'))
+  config.update(overrides)
+  return config

@@ -12,11 +12,11 @@ import flax.linen as nn
 import jax
 import jax.extend
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from helpers import model_config
 from jaxssl import config_schema
 from jaxssl import evaluate
 from jaxssl import models
@@ -35,20 +35,11 @@ _RESNETS = {  # depth: (bottleneck?, blocks per stage), He et al. Table 1.
 }
 
 
-def _config(**overrides):
-  config = ml_collections.ConfigDict(dict(
-      encoder='resnet18', width_multiplier=1, stem='auto', dtype='float32',
-      bn_momentum=0.9, bn_epsilon=1e-5, zero_init_residual=True,
-      input_normalization='none'))
-  config.update(overrides)
-  return config
-
-
 @functools.lru_cache(maxsize=None)
 def _traced(name, width=1, stem='auto', dtype='float32', image_size=32):
   """(encoder, abstract output, abstract variables); traced once per key."""
   encoder = models.make_encoder(
-      _config(encoder=name, width_multiplier=width, stem=stem, dtype=dtype),
+      model_config(encoder=name, width_multiplier=width, stem=stem, dtype=dtype),
       image_size=image_size)
   x = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
   out, variables = jax.eval_shape(
@@ -82,10 +73,10 @@ def test_registry_names():
 def test_unknown_encoder_error_is_one_line_listing_known_names():
   message = ("unknown encoder 'resnt50'; known: " + ', '.join(_ENCODERS))
   with pytest.raises(ValueError) as error:
-    models.make_encoder(_config(encoder='resnt50'), image_size=32)
+    models.make_encoder(model_config(encoder='resnt50'), image_size=32)
   assert str(error.value) == message
   with pytest.raises(ValueError, match="unknown encoder 'resnt50'"):
-    models.feature_dim(_config(encoder='resnt50'))
+    models.feature_dim(model_config(encoder='resnt50'))
 
 
 @pytest.mark.parametrize('name', _ENCODERS)
@@ -93,7 +84,7 @@ def test_unknown_encoder_error_is_one_line_listing_known_names():
 def test_output_shape_and_feature_dim(name, width, stem):
   _, out, _ = _traced(name, width, stem)
   expected = _expected_feature_dim(name, width)
-  config = _config(encoder=name, width_multiplier=width, stem=stem)
+  config = model_config(encoder=name, width_multiplier=width, stem=stem)
   assert models.feature_dim(config) == expected
   assert out.shape == (2, expected) and out.dtype == jnp.float32
 
@@ -101,7 +92,7 @@ def test_output_shape_and_feature_dim(name, width, stem):
 @pytest.mark.parametrize('name,image_size', [('tiny_cnn', 8),
                                               ('small_cnn', 12)])
 def test_forward_runs_and_updates_batch_stats(name, image_size):
-  encoder = models.make_encoder(_config(encoder=name), image_size=image_size)
+  encoder = models.make_encoder(model_config(encoder=name), image_size=image_size)
   x = np.random.default_rng(1).normal(
       size=(4, image_size, image_size, 3)).astype(np.float32)
 
@@ -161,7 +152,7 @@ def test_param_count_matches_torchvision_without_fc(depth,
   assert torchvision_minus_fc == {18: 11_176_512, 50: 23_508_032}[depth]
   assert _resnet_param_count(depth, 1, False) == torchvision_minus_fc
   encoder = models.make_encoder(
-      _config(encoder=f'resnet{depth}', stem='imagenet'), image_size=224)
+      model_config(encoder=f'resnet{depth}', stem='imagenet'), image_size=224)
   variables, _ = _abstract_variables(encoder, 1, 224)
   assert _param_count(variables['params']) == torchvision_minus_fc
 
@@ -199,7 +190,7 @@ def test_zero_init_gamma_exactly_on_last_bn_of_each_block(depth,
   # Tracing only: the gamma initializers are evaluated outside the trace,
   # so no ResNet has to be compiled.
   encoder = models.make_encoder(
-      _config(encoder=f'resnet{depth}', zero_init_residual=zero_init_residual),
+      model_config(encoder=f'resnet{depth}', zero_init_residual=zero_init_residual),
       image_size=8)
   scale_inits = _bn_scale_inits(encoder, 8)
   gammas = {path: np.asarray(init(_KEY, (5,), jnp.float32))
@@ -265,7 +256,7 @@ def _intermediate_shapes(encoder, image_size):
     ('auto', 32, True), ('auto', 28, True), ('auto', 33, False),
     ('auto', 64, False), ('imagenet', 32, False), ('cifar', 64, True)])
 def test_stem_choice(stem, image_size, cifar):
-  encoder = models.make_encoder(_config(stem=stem, width_multiplier=2),
+  encoder = models.make_encoder(model_config(stem=stem, width_multiplier=2),
                                 image_size=image_size)
   variables, inter = _intermediate_shapes(encoder, image_size)
   kernel = variables['params']['stem_conv']['kernel']
@@ -289,7 +280,7 @@ def test_compute_dtype_params_float32_output_float32(name, dtype):
            if eqn.primitive.name == 'conv_general_dilated']
   assert convs
   expected = jnp.dtype(jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32)
-  assert models.compute_dtype(_config(dtype=dtype)) == expected
+  assert models.compute_dtype(model_config(dtype=dtype)) == expected
   for eqn in convs:
     assert [v.aval.dtype for v in eqn.invars] == [expected, expected]
     assert eqn.outvars[0].aval.dtype == expected
@@ -318,25 +309,25 @@ def _all_eqns(jaxpr):
 ])
 def test_make_encoder_rejects_bad_values(overrides, image_size, message):
   with pytest.raises(ValueError, match=message):
-    models.make_encoder(_config(**overrides), image_size=image_size)
+    models.make_encoder(model_config(**overrides), image_size=image_size)
   if image_size == 32:  # Config-only errors are found without an image.
     with pytest.raises(ValueError, match=message):
-      models.validate_model_config(_config(**overrides))
+      models.validate_model_config(model_config(**overrides))
 
 
 def test_bn_groups_must_divide_batch():
-  encoder = models.make_encoder(_config(encoder='tiny_cnn'), image_size=8,
+  encoder = models.make_encoder(model_config(encoder='tiny_cnn'), image_size=8,
                                 bn_groups=3)
   with pytest.raises(ValueError, match='not divisible by num_groups=3'):
     _abstract_variables(encoder, 4, 8)
   with pytest.raises(ValueError, match='bn_groups=0 must be a positive'):
-    models.make_encoder(_config(), image_size=32, bn_groups=0)
+    models.make_encoder(model_config(), image_size=32, bn_groups=0)
 
 
 @pytest.mark.parametrize('bn_groups', [1, 8])
 def test_encoder_on_8_devices_equals_single_device(mesh8, mesh1, bn_groups):
   """Train-mode forward, BN statistics and gradients of the global view."""
-  encoder = models.make_encoder(_config(encoder='tiny_cnn'), image_size=8,
+  encoder = models.make_encoder(model_config(encoder='tiny_cnn'), image_size=8,
                                 bn_groups=bn_groups)
   rng = np.random.default_rng(0)
   # Per-shard offsets make per-device BN statistics differ from global ones.
@@ -364,7 +355,7 @@ def test_encoder_on_8_devices_equals_single_device(mesh8, mesh1, bn_groups):
                                                        atol=1e-6),
                (stats8, grads8), (stats1, grads1))
   # Control: grouped statistics give a different forward on this data.
-  other = models.make_encoder(_config(encoder='tiny_cnn'), image_size=8,
+  other = models.make_encoder(model_config(encoder='tiny_cnn'), image_size=8,
                               bn_groups=9 - bn_groups)
   out_other = jax.jit(lambda v, x: other.apply(
       v, x, train=True, mutable=['batch_stats'])[0])(variables, x)
@@ -405,7 +396,7 @@ def test_weight_decay_rule_selects_exactly_the_1d_params():
 
 
 def test_heads_and_encoders_compose_under_bfloat16():
-  encoder = models.make_encoder(_config(encoder='tiny_cnn', dtype='bfloat16'),
+  encoder = models.make_encoder(model_config(encoder='tiny_cnn', dtype='bfloat16'),
                                 image_size=8)
   head = heads.ProjectionHead(num_layers=2, output_dim=4, dtype=jnp.bfloat16)
 
@@ -433,7 +424,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SWAV_STD = (0.228, 0.224, 0.225)
 
 
-def model_config(normalization='none', encoder='tiny_cnn'):
+def normalization_config(normalization='none', encoder='tiny_cnn'):
   config = config_schema.defaults().model
   config.encoder = encoder
   config.input_normalization = normalization
@@ -445,7 +436,7 @@ def random_images(shape, seed=0):
 
 
 def test_default_is_none_and_the_plain_encoder():
-  config = model_config()
+  config = normalization_config()
   assert config_schema.defaults().model.input_normalization == 'none'
   encoder = models.make_encoder(config, image_size=16)
   assert not isinstance(encoder, models.NormalizedEncoder)
@@ -475,8 +466,8 @@ def test_normalized_encoder_equals_encoder_of_normalized_pixels(
   if channels == 1:
     mean, std = (np.mean(mean),), (np.mean(std),)
   expected_input = (x.astype(np.float64) - np.array(mean)) / np.array(std)
-  plain = models.make_encoder(model_config(), image_size=16)
-  wrapped = models.make_encoder(model_config(name), image_size=16)
+  plain = models.make_encoder(normalization_config(), image_size=16)
+  wrapped = models.make_encoder(normalization_config(name), image_size=16)
   assert isinstance(wrapped, models.NormalizedEncoder)
   variables = plain.init(_KEY, jnp.asarray(x), train=False)
   wrapped_variables = wrapped.init(_KEY, jnp.asarray(x), train=False)
@@ -501,29 +492,29 @@ def test_normalized_encoder_equals_encoder_of_normalized_pixels(
 
 
 def test_wrapper_forwards_encoder_properties():
-  plain = models.make_encoder(model_config(encoder='resnet18'),
+  plain = models.make_encoder(normalization_config(encoder='resnet18'),
                               image_size=32)
-  wrapped = models.make_encoder(model_config('imagenet', 'resnet18'),
+  wrapped = models.make_encoder(normalization_config('imagenet', 'resnet18'),
                                 image_size=32)
   assert wrapped.feature_dim == plain.feature_dim == 512
   assert wrapped.min_image_size == plain.min_image_size
 
 
 def test_exported_encoder_spec_carries_the_normalization():
-  config = model_config('swav')
+  config = normalization_config('swav')
   spec = {'model': config.to_dict(), 'image_size': 16, 'num_channels': 3}
   encoder, abstract = evaluate.build_encoder(spec)
   assert isinstance(encoder, models.NormalizedEncoder)
   assert encoder.normalization == 'swav'
   plain, plain_abstract = evaluate.build_encoder(
-      {**spec, 'model': model_config().to_dict()})
+      {**spec, 'model': normalization_config().to_dict()})
   assert (jax.tree.structure(abstract) == jax.tree.structure(plain_abstract))
 
 
 def test_bad_names():
   with pytest.raises(ValueError, match=r"unknown model.input_normalization "
                      r"'imagnet'; known: none, imagenet, swav"):
-    models.make_encoder(model_config('imagnet'), image_size=16)
+    models.make_encoder(normalization_config('imagnet'), image_size=16)
   with pytest.raises(ValueError, match="'none' has no statistics"):
     models.input_statistics('none', 3)
   with pytest.raises(ValueError, match='num_channels=4 must be 1 or 3'):
