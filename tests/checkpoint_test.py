@@ -237,18 +237,20 @@ def test_a_killed_export_leaves_the_old_or_the_new_one(trained, tmp_path,
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           expected)
   _assert_same(checkpoint.load_exported_variables(export, abstract), expected)
-  moments = {
-      # orbax's temporary directory of the new export appears
-      'while writing': lambda: bool(glob.glob(export + '.incoming*')),
-      # the new export is complete, the swap has not happened yet
-      'before the swap': lambda: os.path.exists(
-          os.path.join(export + '.incoming', 'commit_success.txt')),
-  }
-  for moment, ready in moments.items():
-    _kill_when(_export_process(workdir, fashion_mnist_dir), ready)
-    assert checkpoint.read_export_spec(export) == spec, moment
-    _assert_same(checkpoint.load_exported_variables(export, abstract),
-                 expected)
+  # A real SIGKILL while orbax writes the new export (the window lasts as
+  # long as the write).
+  _kill_when(_export_process(workdir, fashion_mnist_dir),
+             lambda: bool(glob.glob(export + '.incoming*')))
+  assert checkpoint.read_export_spec(export) == spec
+  _assert_same(checkpoint.load_exported_variables(export, abstract), expected)
+  # A kill after the new export is complete and before the swap: that
+  # window is microseconds long, too short to hit with a signal every time
+  # (a fresh-clone run missed it once), so the test makes what such a kill
+  # leaves on disk: a complete `export.incoming` beside the old export.
+  shutil.rmtree(export + '.incoming', ignore_errors=True)
+  shutil.copytree(export, export + '.incoming')
+  assert checkpoint.read_export_spec(export) == spec
+  _assert_same(checkpoint.load_exported_variables(export, abstract), expected)
   # The next export completes and cleans up what the killed ones left.
   process = _export_process(workdir, fashion_mnist_dir)
   assert process.wait() == 0, process.stderr.read().decode()
