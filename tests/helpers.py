@@ -16,6 +16,11 @@ def load_config(name: str, **overrides):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
+  return set_overrides(config, overrides)
+
+
+def set_overrides(config, overrides: dict):
+  """Sets each dotted `key: value` of `overrides` in `config`, then locks it."""
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split('.')

@@ -23,7 +23,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from helpers import make_method, resume_after_losing_the_newest
-from helpers import restore_state
+from helpers import restore_state, set_overrides
 from jaxssl import config_presets
 from jaxssl import config_schema
 from jaxssl import losses
@@ -157,14 +157,7 @@ def _double_config(data_dir, **overrides):
   c.optim.lr_scaling = 'none'
   c.optim.warmup_epochs = 0.0
   c.eval_after_training = False
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  c.lock()
-  return c
+  return set_overrides(c, overrides)
 
 
 def test_registry_is_a_dict_of_classes():
