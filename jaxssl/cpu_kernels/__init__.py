@@ -7,8 +7,10 @@ the same parameters and values: `CpuConv`, `layers.Conv` computed by
 `fastconv.conv2d`, whose products are im2col matmuls or Winograd
 F(2x2, 3x3) (`fastconv`, `winograd`, `batch_chunks`). BatchNorm stays
 `layers.BatchNorm` everywhere: a hand-written fused BatchNorm VJP saved
-less than 10% of the ResNet-18 CIFAR step and was removed
-(docs/benchmarks.md, "Fused BatchNorm VJP: removed").
+less than 10% of the ResNet-18 CIFAR step and was removed, and nothing
+measurable on either step once `layers.affine` ran one-group BN without
+the `[1, M, C]` view (docs/benchmarks.md, "Fused BatchNorm VJP: removed"
+and "BatchNorm with one group").
 
 `select_factories` picks the pair once, outside the model, from the
 backend, this process's device count and the user's `kernels` choice

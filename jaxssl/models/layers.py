@@ -232,18 +232,6 @@ def _grouped(x: jax.Array, num_groups: int) -> jax.Array:
   return x.reshape(num_groups, -1, x.shape[-1])
 
 
-def group_sum(x: jax.Array) -> jax.Array:
-  """`[G, M, C]` -> `[G, C]`, the sum over M.
-
-  With G = 1 the sum is taken over a 2-D `[M, C]`: XLA:CPU hands both forms
-  to YNNPACK, whose reduction over the middle axis of `[1, M, C]` ran the
-  ResNet-18 stage-1 BN backward 5x slower (docs/benchmarks.md).
-  """
-  if x.shape[0] == 1:
-    return x.reshape(x.shape[1:]).sum(0)[None]
-  return x.sum(1)
-
-
 def group_statistics(x: jax.Array,
                      num_groups: int) -> tuple[jax.Array, jax.Array]:
   """BatchNorm's per-group batch statistics.
@@ -258,18 +246,30 @@ def group_statistics(x: jax.Array,
     E[x^2] - E[x]^2 (one fused reduction, as `nn.BatchNorm`), clipped at 0
     where it rounds below.
   """
-  xg = _grouped(x, num_groups)
-  count = xg.shape[1]
-  mean = group_sum(xg) / count
-  var = jnp.maximum(0.0, group_sum(jnp.square(xg)) / count
-                    - jnp.square(mean))
-  return mean, var
+  if num_groups == 1:
+    # 2-D, as in `affine`: no [1, M, C] reductions (see there).
+    x2 = x.reshape(-1, x.shape[-1])
+    mean = x2.mean(0)[None]
+    var = jnp.square(x2).mean(0)[None] - jnp.square(mean)
+  else:
+    xg = _grouped(x, num_groups)
+    mean = xg.mean(1)
+    var = jnp.square(xg).mean(1) - jnp.square(mean)
+  return mean, jnp.maximum(0.0, var)
 
 
 def affine(x: jax.Array, mean: jax.Array, var: jax.Array,
            scale: jax.Array | None, bias: jax.Array | None,
            epsilon: float) -> jax.Array:
   """`(x - mean) * rsqrt(var + eps) * scale + bias`, per group.
+
+  With one group (`G = 1`, every BN but MoCo v2's shuffle-BN and SwAV's
+  per-node BN) the map runs on `x` as it is, broadcasting `[C]` vectors;
+  with G > 1 on the `[G, M, C]` view. The one-group form matters on
+  XLA:CPU: through `[1, M, C]` the reductions of autodiff's backward
+  (the gradients of the mean, scale and bias) are middle-axis reductions,
+  which XLA:CPU hands to YNNPACK, and the quickstart step ran 2.6x slower
+  (docs/benchmarks.md, "BatchNorm with one group").
 
   Args:
     x: `[batch, ..., C]`, any float dtype; computed in float32.
@@ -286,8 +286,12 @@ def affine(x: jax.Array, mean: jax.Array, var: jax.Array,
   mul = lax.rsqrt(var + epsilon)
   if scale is not None:
     mul = mul * scale
-  y = (_grouped(x.astype(jnp.float32), mean.shape[0]) - mean[:, None]
-       ) * mul[:, None]
+  x = x.astype(jnp.float32)
+  if mean.shape[0] == 1:
+    y = (x - mean[0]) * mul[0]
+  else:
+    y = ((_grouped(x, mean.shape[0]) - mean[:, None]) * mul[:, None]
+         ).reshape(x.shape)
   if bias is not None:
     y = y + bias
-  return y.reshape(x.shape)
+  return y
