@@ -1,10 +1,10 @@
 """The CPU quickstart: SimCLR on offline Fashion-MNIST, then linear eval.
 
 python -m jaxssl.main --config=configs/simclr_fashion_mnist.py --workdir=workdirs/quickstart
-Expected: 87.63% linear-probe top-1 on the 10,000 test images, 2.23 points
-above the same encoder at random init (85.40%), in 9m53s on a 2-core CPU
-(measured 2026-12-07 after issue 15's re-layout; 5m50s before it;
-docs/results.md has the measured runs).
+Expected: 87.88% linear-probe top-1 on the 10,000 test images, 2.48 points
+above the same encoder at random init (85.40%), in 5m39s on a 2-core CPU
+(measured 2026-12-07 at 2d69fb0, after issue 15's re-layout, dataset
+preparation included; docs/results.md has the measured runs).
 
 Run by `bash launch/local.sh quickstart`, which installs the data and the
 environment first. Differences from the ImageNet recipe, each measured on
