@@ -7,6 +7,7 @@ anything is built or compiled.
 """
 
 import difflib
+import importlib.util
 import os
 import re
 from typing import Sequence
@@ -40,6 +41,33 @@ def flag_error_line(error: Exception, argv: Sequence[str],
       hint = f'; closest declared key: {closest}' if closest else ''
       return f'{key}: the config declares no key {dotted}{hint}'
   return f'bad command line: {text}'
+
+
+def config_keys_from_argv(argv: Sequence[str]) -> list[str]:
+  """The dotted keys of the config file named by `--config` in `argv`.
+
+  For `flag_error_line` when absl's parse failed (then the `config` flag
+  holds no value): the file's `get_config()` is loaded again, without its
+  overrides. Returns [] if there is no `--config` or it cannot be loaded
+  (that error is reported on its own).
+  """
+  path = None
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      path = arg.split('=', 1)[1]
+    elif arg == '--config' and i + 1 < len(argv):
+      path = argv[i + 1]
+  if not path:
+    return []
+  try:
+    spec = importlib.util.spec_from_file_location('_jaxssl_cli_config',
+                                                  path.split(':', 1)[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from jaxssl import config_schema  # pylint: disable=g-import-not-at-top
+    return list(config_schema.dotted_keys(module.get_config()))
+  except Exception:  # pylint: disable=broad-except
+    return []
 
 
 def _nearest_existing(path: str) -> str:

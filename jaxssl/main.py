@@ -131,9 +131,8 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except
-    from jaxssl import command_line, config_schema  # pylint: disable=g-import-not-at-top
-    config = flags.FLAGS['config'].value
-    keys = list(config_schema.dotted_keys(config)) if config else []
+    from jaxssl import command_line  # pylint: disable=g-import-not-at-top
+    keys = command_line.config_keys_from_argv(argv)
     print(f'jaxssl: error: {command_line.flag_error_line(e, argv, keys)}',
           file=sys.stderr)
     sys.exit(1)

@@ -50,7 +50,10 @@ BAD_INPUTS = [
      '--config.optim.base_learing_rate: the config declares no key '
      'optim.base_learing_rate; closest declared key: '
      'optim.base_learning_rate'),
-    (['--config.zzzq=1'], '--config.zzzq: the config declares no key zzzq'),
+    (['--config.zzzq=1'], '--config.zzzq: the config declares no key zzzq; '
+     'closest declared key: global_batch_size'),
+    (['--config.optim.zzzzz=1'], '--config.optim.zzzzz: the config declares '
+     'no key optim.zzzzz; closest declared key: optim.name'),
     (['--config.seed=abc'],
      "bad command line: flag --config.seed=abc: invalid literal for int() "
      "with base 10: 'abc'"),
