@@ -76,6 +76,7 @@ def child_env(devices: int) -> dict:
   env['PYTHONPATH'] = os.pathsep.join(
       p for p in (package_root, env.get('PYTHONPATH')) if p)
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  env.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   if devices:
     flags = [f for f in env.get('XLA_FLAGS', '').split()
              if not f.startswith('--xla_force_host_platform_device_count')]
