@@ -88,7 +88,9 @@ def setup(config: ml_collections.ConfigDict,
       config, mesh=mesh, num_channels=info.image_shape[-1],
       steps_per_epoch=steps_per_epoch, total_steps=total_steps,
       num_classes=info.num_classes,
-      num_train_examples=info.num_train_examples, factories=factories)
+      num_train_examples=info.num_train_examples, factories=factories,
+      device_memory_bytes=runtime.device_memory_bytes(
+          mesh.devices.flat[0]))
   method = methods.get_method_class(config.method)(config, run_info)
   schedule = optim.make_schedule(
       config.optim, global_batch_size=config.global_batch_size,

@@ -1,6 +1,7 @@
 """The command line: one-line errors before compiling, export, eval, preview."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -111,6 +112,25 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, prepared_data,
   after = sorted(p.name for p in tmp_path.iterdir()
                  if p.name != 'misspelt.py')
   assert after == before  # no workdir, no export, no picture
+
+
+def test_a_queue_larger_than_memory_is_one_line_before_compiling(
+    tmp_path, prepared_data):
+  # 2**32 keys of the tiny config's projection: terabytes on any machine.
+  workdir = tmp_path / 'run'
+  result = _jaxssl('--config=configs/moco_v2_tiny.py', f'--workdir={workdir}',
+                   '--config.moco_v2.queue_size=4294967296',
+                   data_dir=prepared_data)
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, lines
+  assert re.fullmatch(
+      r'jaxssl: error: moco_v2\.queue_size=4294967296 needs \d+\.\d GiB on '
+      r'each device \(queue \[4294967296, \d+\] float32 and logits \[\d+, '
+      r'4294967297\]\), more than the \d+\.\d GiB one device has; use a '
+      r'smaller value', lines[0]), lines[0]
+  assert not workdir.exists()
 
 
 def test_export_and_eval_modes(tmp_path, fashion_mnist_dir):

@@ -46,6 +46,9 @@ class RunInfo:
     total_steps: optimizer steps of the whole run.
     factories: the encoders' conv and norm factories, picked once by the
       trainer (`cpu_kernels.select_factories`); None: XLA's ops.
+    device_memory_bytes: memory of one device (`runtime.
+      device_memory_bytes`), for size checks made before compiling; 0:
+      unknown, no check.
   """
   mesh: Mesh
   global_batch_size: int
@@ -56,6 +59,7 @@ class RunInfo:
   steps_per_epoch: int
   total_steps: int
   factories: cpu_kernels.Factories | None = None
+  device_memory_bytes: int = 0
 
   @property
   def num_devices(self) -> int:
@@ -65,15 +69,15 @@ class RunInfo:
   def for_config(cls, config: ml_collections.ConfigDict, *, mesh: Mesh,
                  num_channels: int, steps_per_epoch: int, total_steps: int,
                  num_classes: int = 0, num_train_examples: int = 0,
-                 factories: cpu_kernels.Factories | None = None
-                 ) -> 'RunInfo':
+                 factories: cpu_kernels.Factories | None = None,
+                 device_memory_bytes: int = 0) -> 'RunInfo':
     """A RunInfo taking the batch and image size from `config`."""
     return cls(mesh=mesh, global_batch_size=config.global_batch_size,
                image_size=config.dataset.image_size,
                num_channels=num_channels, num_classes=num_classes,
                num_train_examples=num_train_examples,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               factories=factories)
+               factories=factories, device_memory_bytes=device_memory_bytes)
 
 
 class Aux(NamedTuple):

@@ -360,3 +360,25 @@ def check_head_layers(config: ml_collections.ConfigDict, name: str,
   if config.head.num_layers < 1:
     raise ValueError(f'head.num_layers={config.head.num_layers}; the {name} '
                      f'projector needs >= 1 layer (official: {official})')
+
+
+def check_fits_memory(run, setting: str, needed_bytes: int,
+                      what: str) -> None:
+  """Raises ValueError if `needed_bytes` exceed one device's memory.
+
+  For state whose size a config sets (a queue, a memory bank), checked
+  when the method is built, before anything is compiled or allocated.
+
+  Args:
+    run: the `base.RunInfo`; its `device_memory_bytes` (0: unknown, no
+      check) is one device's memory.
+    setting: the config value at fault, as `'key=value'`.
+    needed_bytes: the bytes it needs on one device.
+    what: what they hold, in words, e.g. 'queue [65536, 128] float32'.
+  """
+  limit = run.device_memory_bytes
+  if limit and needed_bytes > limit:
+    raise ValueError(
+        f'{setting} needs {needed_bytes / 2**30:.1f} GiB on each device '
+        f'({what}), more than the {limit / 2**30:.1f} GiB one device has; '
+        'use a smaller value')

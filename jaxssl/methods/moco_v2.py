@@ -86,6 +86,7 @@ class MoCoV2(base.Method):
     self.bn_groups = common.resolve_bn_groups(
         config.moco_v2.bn_groups, run.num_devices, run.global_batch_size,
         'moco_v2.bn_groups')
+    self._check_queue_fits()
     self._encoder = self.make_encoder(bn_groups=self.bn_groups)
     projector = heads.MLPHead(
         hidden_dim=self.head_hidden_dim(), output_dim=config.head.output_dim,
@@ -99,6 +100,20 @@ class MoCoV2(base.Method):
 
   def resolved(self):
     return dict(super().resolved(), **{'moco_v2.bn_groups': self.bn_groups})
+
+  def _check_queue_fits(self) -> None:
+    """The queue (replicated) and one device's logits against its memory.
+
+    Per device: the queue `[K, dim]` float32 twice (the state and the
+    step's updated copy) and the logits `[B / devices, K + 1]` float32
+    three times (logits, softmax, their gradient).
+    """
+    k, dim = self.config.moco_v2.queue_size, self.config.head.output_dim
+    rows = -(-self.run.global_batch_size // self.run.num_devices)
+    needed = 4 * (2 * k * dim + 3 * rows * (k + 1))
+    common.check_fits_memory(
+        self.run, f'moco_v2.queue_size={k}', needed,
+        f'queue [{k}, {dim}] float32 and logits [{rows}, {k + 1}]')
 
   @property
   def encoder(self) -> nn.Module:
