@@ -332,7 +332,8 @@ def restore_encoder_from_training(workdir: str, step: int,
   """Partially restores `{'params', 'batch_stats'}` of the encoder.
 
   Reads only `params['encoder']` and `batch_stats['encoder']` of the saved
-  TrainState; the optimizer state and heads are not loaded.
+  TrainState; the optimizer state and heads are not loaded. Unverified:
+  `restore_newest_good_encoder` checks the checksums.
 
   Args:
     workdir: the training run's directory.
@@ -352,6 +353,79 @@ def restore_encoder_from_training(workdir: str, step: int,
           partial_restore=True))).state
   return {'params': restored['params']['encoder'],
           'batch_stats': restored.get('batch_stats', {}).get('encoder', {})}
+
+
+def restore_newest_good_encoder(
+    workdir: str, abstract_for: Callable[[dict[str, Any]], PyTree]
+) -> tuple[int, dict[str, Any], PyTree]:
+  """The encoder of the newest training step that is readable and intact.
+
+  What `--mode=eval` and `--mode=export` read from a workdir. As
+  `Checkpointer.restore_newest_good`, but for the encoder alone: a newer
+  step whose meta or encoder arrays are unreadable, or whose encoder arrays
+  fail the checksums recorded at save time, is skipped with a one-line
+  warning naming the step and the reason. Nothing is moved: these modes
+  only read (the next training run sets damaged steps aside).
+
+  Args:
+    workdir: the training run's directory.
+    abstract_for: `meta -> {'params', 'batch_stats'}` ShapeDtypeStructs with
+      shardings of the encoder that `meta['encoder_spec']` describes.
+
+  Returns:
+    `(step, meta, variables)`.
+
+  Raises:
+    FileNotFoundError: the workdir has no complete checkpoint.
+    ValueError: every step is damaged (one line naming each reason).
+  """
+  directory = absolute(workdir) / _CHECKPOINTS
+  if not directory.exists():
+    raise FileNotFoundError(f'no checkpoints under {directory}')
+  steps = sorted(_reader(directory).all_steps(), reverse=True)
+  if not steps:
+    raise FileNotFoundError(f'no complete checkpoint under {directory}')
+  damaged = []
+  for step in steps:
+    try:
+      meta, variables = _verified_encoder(workdir, step, abstract_for)
+    except DamagedCheckpointError as e:
+      print(f'jaxssl: warning: skipping checkpoint step {step} in '
+            f'{directory}: {e}', file=sys.stderr, flush=True)
+      damaged.append(f'step {step}: {e}')
+      continue
+    return step, meta, variables
+  raise ValueError(f'no usable checkpoint in {directory} '
+                   f'({"; ".join(damaged)})')
+
+
+def _verified_encoder(workdir, step, abstract_for):
+  """`(meta, variables)` of `step`, or DamagedCheckpointError saying why."""
+  try:
+    _, meta = read_training_meta(workdir, step)
+    if not isinstance(meta, dict) or 'encoder_spec' not in meta:
+      raise ValueError('no encoder_spec')
+  except Exception as e:  # pylint: disable=broad-except
+    raise DamagedCheckpointError(f'its meta is unreadable ({_brief(e)})')
+  try:
+    variables = restore_encoder_from_training(workdir, step,
+                                              abstract_for(meta))
+    checksums = array_checksums(
+        {'params': {'encoder': variables['params']},
+         'batch_stats': {'encoder': variables['batch_stats']}},
+        check_finite=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DamagedCheckpointError(f'its arrays are unreadable ({_brief(e)})')
+  saved = meta.get('checksums')
+  if saved is None:
+    print(f'jaxssl: warning: checkpoint step {step} has no checksums (an '
+          'older jaxssl saved it); read unverified', file=sys.stderr)
+    return meta, variables
+  bad = [k for k in sorted(checksums) if checksums[k] != saved.get(k)]
+  if bad:
+    more = f' and {len(bad) - 1} more arrays' if len(bad) > 1 else ''
+    raise DamagedCheckpointError(f'checksum mismatch in {bad[0]}{more}')
+  return meta, variables
 
 
 def export_encoder(directory: str, variables: PyTree,

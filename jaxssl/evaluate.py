@@ -89,7 +89,9 @@ def load_encoder(source: str, mesh: Mesh, *, prefer_export: bool = True,
   Args:
     source: an exported-encoder directory, or a training workdir (then its
       `export/` if present and `prefer_export`, else the encoder part of its
-      latest checkpoint, restored partially).
+      newest intact checkpoint, restored partially and checked against the
+      checksums saved with it; damaged newer steps are skipped with a
+      warning, `checkpoint.restore_newest_good_encoder`).
     mesh: variables are placed replicated on this mesh.
     prefer_export: for a workdir, use its `export/` when there is one.
     kernels: the ops the returned encoder runs with (`build_encoder`).
@@ -105,11 +107,14 @@ def load_encoder(source: str, mesh: Mesh, *, prefer_export: bool = True,
     variables = checkpoint.load_exported_variables(
         str(path), checkpoint.abstract_with_sharding(abstract, replicated))
     return spec, encoder, variables
-  step, meta = checkpoint.read_training_meta(source)
+  def abstract_for(meta):
+    _, abstract = build_encoder(meta['encoder_spec'], kernels=kernels)
+    return checkpoint.abstract_with_sharding(abstract, replicated)
+
+  step, meta, variables = checkpoint.restore_newest_good_encoder(
+      source, abstract_for)
   spec = dict(meta['encoder_spec'], step=step)
-  encoder, abstract = build_encoder(spec, kernels=kernels)
-  variables = checkpoint.restore_encoder_from_training(
-      source, step, checkpoint.abstract_with_sharding(abstract, replicated))
+  encoder, _ = build_encoder(spec, kernels=kernels)
   return spec, encoder, variables
 
 

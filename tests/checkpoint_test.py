@@ -21,6 +21,8 @@ import pytest
 
 from helpers import restore_state, tiny_factory
 from jaxssl import checkpoint
+from jaxssl import evaluate
+from jaxssl import parallel
 from jaxssl import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,6 +181,44 @@ def test_no_good_step_is_one_line_and_leaves_the_files(tiny, trained,
   assert '; step 4: ' in message and 'the files are left as they are' in message
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4', '8']
   assert not os.path.exists(os.path.join(workdir, 'checkpoints_damaged'))
+
+
+@pytest.mark.parametrize('kind', ['flipped byte in array files',
+                                  'checksum mismatch', 'garbage JSON meta',
+                                  'deleted array directories'])
+def test_eval_and_export_read_the_newest_intact_encoder(trained, tmp_path,
+                                                       capsys, kind):
+  # --mode=eval and --mode=export on a workdir read the encoder from the
+  # checkpoints (prefer_export=False is the export's path): they skip a
+  # damaged newest step as the trainer does, but move nothing.
+  workdir = _copy(trained, tmp_path)
+  DAMAGE[kind](os.path.join(workdir, 'checkpoints', '8'))
+  spec, _, variables = evaluate.load_encoder(
+      workdir, parallel.make_mesh(), prefer_export=False)
+  assert spec['step'] == 4
+  state = trained[1][4]
+  _assert_same(jax.device_get(variables),
+               {'params': state.params['encoder'],
+                'batch_stats': state.batch_stats['encoder']})
+  warnings = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith('jaxssl: warning: ')]
+  assert len(warnings) == 1, warnings
+  assert warnings[0].startswith(
+      f'jaxssl: warning: skipping checkpoint step 8 in {workdir}/checkpoints: ')
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4', '8']
+
+
+def test_eval_of_a_workdir_without_an_intact_step_is_one_line(trained,
+                                                              tmp_path):
+  workdir = _copy(trained, tmp_path)
+  for step in ('4', '8'):
+    _wrong_checksum(os.path.join(workdir, 'checkpoints', step))
+  with pytest.raises(ValueError) as error:
+    evaluate.load_encoder(workdir, parallel.make_mesh(), prefer_export=False)
+  assert str(error.value) == (
+      f'no usable checkpoint in {workdir}/checkpoints (step 8: checksum '
+      'mismatch in params/encoder/conv1/kernel; step 4: checksum mismatch in '
+      'params/encoder/conv1/kernel)')
 
 
 def test_checksums_are_recorded_for_every_array(trained):
