@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 
 from jaxssl import checkpoint
 from jaxssl import cpu_kernels
+from jaxssl import encoder_export
 from jaxssl import datasets
 from jaxssl import input_pipeline
 from jaxssl import models
@@ -98,13 +99,13 @@ def load_encoder(source: str, mesh: Mesh, *, prefer_export: bool = True,
   """
   path = epath.Path(source)
   if prefer_export and not (path / 'spec').exists() and (
-      path / checkpoint.EXPORT_SUBDIR / 'spec').exists():
-    path = path / checkpoint.EXPORT_SUBDIR
+      path / encoder_export.EXPORT_SUBDIR / 'spec').exists():
+    path = path / encoder_export.EXPORT_SUBDIR
   replicated = parallel.replicated(mesh)
   if (path / 'spec').exists():
-    spec = checkpoint.read_export_spec(str(path))
+    spec = encoder_export.read_export_spec(str(path))
     encoder, abstract = build_encoder(spec, kernels=kernels)
-    variables = checkpoint.load_exported_variables(
+    variables = encoder_export.load_exported_variables(
         str(path), checkpoint.abstract_with_sharding(abstract, replicated))
     return spec, encoder, variables
   def abstract_for(meta):

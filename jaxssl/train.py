@@ -16,6 +16,7 @@ from etils import epath
 from jaxssl import checkpoint
 from jaxssl import config_schema
 from jaxssl import cpu_kernels
+from jaxssl import encoder_export
 from jaxssl import datasets
 from jaxssl import distributed
 from jaxssl import evaluate
@@ -294,7 +295,7 @@ def export(s: Setup, state, destination: str) -> str:
   variables = s.method.encoder_variables(state.params, state.batch_stats)
   spec = evaluate.encoder_spec(s.config, num_channels=s.info.image_shape[-1],
                                step=int(state.step))
-  checkpoint.export_encoder(destination, variables, spec)
+  encoder_export.export_encoder(destination, variables, spec)
   if jax.process_index() == 0:
     print(f'exported the encoder at step {int(state.step)} to {destination}',
           flush=True)
@@ -325,7 +326,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     evaluate.check_eval_config(config, s.mesh)
     _check_eval_splits(config)
   state = train(s, workdir, allow_config_change=allow_config_change)
-  destination = str(epath.Path(workdir) / checkpoint.EXPORT_SUBDIR)
+  destination = str(epath.Path(workdir) / encoder_export.EXPORT_SUBDIR)
   export(s, state, destination)
   results = None
   if config.eval_after_training:
@@ -343,8 +344,8 @@ def export_latest(workdir: str) -> str:
   mesh = parallel.make_mesh()
   spec, _, variables = evaluate.load_encoder(workdir, mesh,
                                              prefer_export=False)
-  destination = str(epath.Path(workdir) / checkpoint.EXPORT_SUBDIR)
-  checkpoint.export_encoder(destination, variables, spec)
+  destination = str(epath.Path(workdir) / encoder_export.EXPORT_SUBDIR)
+  encoder_export.export_encoder(destination, variables, spec)
   if jax.process_index() == 0:
     print(f'exported the encoder at step {spec["step"]} to {destination}',
           flush=True)

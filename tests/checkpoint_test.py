@@ -21,6 +21,7 @@ import pytest
 
 from helpers import restore_state, tiny_factory
 from jaxssl import checkpoint
+from jaxssl import encoder_export
 from jaxssl import evaluate
 from jaxssl import parallel
 from jaxssl import train
@@ -270,31 +271,31 @@ def test_a_killed_export_leaves_the_old_or_the_new_one(trained, tmp_path,
                                                        fashion_mnist_dir):
   workdir = _copy(trained, tmp_path)
   export = os.path.join(workdir, 'export')
-  spec = checkpoint.read_export_spec(export)
+  spec = encoder_export.read_export_spec(export)
   state = trained[1][8]
   expected = {'params': state.params['encoder'],
               'batch_stats': state.batch_stats['encoder']}
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           expected)
-  _assert_same(checkpoint.load_exported_variables(export, abstract), expected)
+  _assert_same(encoder_export.load_exported_variables(export, abstract), expected)
   # A real SIGKILL while orbax writes the new export (the window lasts as
   # long as the write).
   _kill_when(_export_process(workdir, fashion_mnist_dir),
              lambda: bool(glob.glob(export + '.incoming*')))
-  assert checkpoint.read_export_spec(export) == spec
-  _assert_same(checkpoint.load_exported_variables(export, abstract), expected)
+  assert encoder_export.read_export_spec(export) == spec
+  _assert_same(encoder_export.load_exported_variables(export, abstract), expected)
   # A kill after the new export is complete and before the swap: that
   # window is microseconds long, too short to hit with a signal every time
   # (a fresh-clone run missed it once), so the test makes what such a kill
   # leaves on disk: a complete `export.incoming` beside the old export.
   shutil.rmtree(export + '.incoming', ignore_errors=True)
   shutil.copytree(export, export + '.incoming')
-  assert checkpoint.read_export_spec(export) == spec
-  _assert_same(checkpoint.load_exported_variables(export, abstract), expected)
+  assert encoder_export.read_export_spec(export) == spec
+  _assert_same(encoder_export.load_exported_variables(export, abstract), expected)
   # The next export completes and cleans up what the killed ones left.
   process = _export_process(workdir, fashion_mnist_dir)
   assert process.wait() == 0, process.stderr.read().decode()
-  _assert_same(checkpoint.load_exported_variables(export, abstract), expected)
+  _assert_same(encoder_export.load_exported_variables(export, abstract), expected)
   assert sorted(os.listdir(workdir)) == sorted(
       os.listdir(trained[0]))
 

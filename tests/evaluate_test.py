@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from helpers import load_config
-from jaxssl import checkpoint
+from jaxssl import encoder_export
 from jaxssl import evaluate
 from jaxssl import parallel
 
@@ -45,7 +45,7 @@ def test_export_round_trip_and_spec(tmp_path, mesh8):
   spec = evaluate.encoder_spec(config, num_channels=1, step=12)
   encoder, abstract = evaluate.build_encoder(spec)
   variables = evaluate.random_encoder_variables(encoder, spec, 3, mesh8)
-  checkpoint.export_encoder(str(tmp_path / 'export'), variables, spec)
+  encoder_export.export_encoder(str(tmp_path / 'export'), variables, spec)
   loaded_spec, _, loaded = evaluate.load_encoder(str(tmp_path / 'export'),
                                                  mesh8)
   assert loaded_spec == spec
@@ -71,7 +71,7 @@ def test_export_loads_and_runs_with_the_other_kernels(tmp_path, mesh1,
   _, updates = encoder.apply(variables, x, train=True,
                              mutable=['batch_stats'])
   variables = dict(variables, batch_stats=updates['batch_stats'])
-  checkpoint.export_encoder(str(tmp_path / 'export'), variables, spec)
+  encoder_export.export_encoder(str(tmp_path / 'export'), variables, spec)
   _, loaded_encoder, loaded = evaluate.load_encoder(
       str(tmp_path / 'export'), mesh1, kernels=load_with)
   assert loaded_encoder.conv is not encoder.conv  # the other implementation
