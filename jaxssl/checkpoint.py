@@ -128,6 +128,7 @@ class Checkpointer:
     Raises:
       ValueError: every step is damaged (one line; the files are left).
     """
+    _quiet_closed_event_loop()
     steps = sorted(self._manager.all_steps(), reverse=True)
     damaged = []
     for step in steps:
@@ -222,6 +223,29 @@ def _handler_registry(state_restore: type[ocp.args.CheckpointArgs]
   registry.add('meta', ocp.args.JsonRestore)
   return registry
 
+
+
+def _quiet_closed_event_loop() -> None:
+  """Drops asyncio's 'Event loop is closed' errors from reads of damaged steps.
+
+  When orbax fails to read a damaged array, tensorstore's pending callbacks
+  fire after orbax has closed its event loop; Python reports each as an
+  "Exception ignored" traceback on stderr, after the one-line warning that
+  already says the step was skipped. Only that exact error is dropped;
+  every other unraisable exception reaches the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'jaxssl_quiet_loop', False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError)
+            and str(error) == 'Event loop is closed'):
+      previous(unraisable)
+
+  hook.jaxssl_quiet_loop = True
+  sys.unraisablehook = hook
 
 
 class DamagedCheckpointError(Exception):
@@ -381,6 +405,7 @@ def restore_newest_good_encoder(
   steps = sorted(_reader(directory).all_steps(), reverse=True)
   if not steps:
     raise FileNotFoundError(f'no complete checkpoint under {directory}')
+  _quiet_closed_event_loop()
   damaged = []
   for step in steps:
     try:
