@@ -23,7 +23,6 @@ from jaxssl import checkpoint
 from jaxssl import evaluate
 from jaxssl import input_pipeline
 from jaxssl import parallel
-from jaxssl import reporting
 from jaxssl import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
