@@ -12,21 +12,30 @@ per-step keys are functions of the step).
 
 In a multi-process run the signal may reach some processes only, or reach
 them at different steps. Every process therefore takes part, after every
-step, in one tiny cross-process reduction of its flag (an all-gather of one
-int32), so all of them stop after the same step and save the same
-checkpoint. The decision depends only on which flags were set before that
-collective, never on timing inside it.
+step, in one tiny cross-process reduction of its flag (the max of one int32
+per device, jitted on the training mesh), so all of them stop after the
+same step and save the same checkpoint. The reduction is dispatched like a
+step and read one step later, when it is long done: the host never waits
+for the device because of it, so the training loop stays asynchronous
+(reading it at once would block the host until the step finished, every
+step). The stop therefore comes one step after the step during which the
+flags were read; the decision depends only on which flags were set before
+that reduction, never on timing inside it.
 
 A second signal while the run is already stopping is not caught: SIGTERM
 then ends the process at once (the default action) and SIGINT raises
 KeyboardInterrupt, for a user who cannot wait for the save.
 """
 
+import functools
 import signal
 import threading
 import types
 
-from jaxssl import distributed
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 # EX_TEMPFAIL of BSD's sysexits.h: "temporary failure, the user is invited
 # to retry". Schedulers that restart on failure restart on it too.
@@ -61,9 +70,13 @@ class StopRequests:
   The previous handlers are restored on exit.
   """
 
-  def __init__(self):
+  def __init__(self, mesh: Mesh | None = None):
+    """`mesh`: the training mesh, on which multi-process runs reduce the
+    flags (required when `jax.process_count() > 1`)."""
     self.signal_name: str | None = None
     self._previous: dict[int, object] = {}
+    self._mesh = mesh
+    self._pending: jax.Array | None = None
 
   def __enter__(self) -> 'StopRequests':
     if threading.current_thread() is threading.main_thread():
@@ -95,11 +108,38 @@ class StopRequests:
   def should_stop(self) -> bool:
     """Whether any process of the run was asked to stop.
 
-    A collective in a multi-process run: every process must call it at the
-    same step. A single process only reads its own flag.
+    A single process reads its own flag. In a multi-process run this is a
+    collective (every process must call it once per step): it dispatches
+    the reduction of this step's flags and answers from the previous
+    call's reduction, so every process gives the same answer at the same
+    step, one step after the flags were read, without blocking.
     """
-    return max(distributed.process_values(int(self.requested))) > 0
+    if jax.process_count() == 1:
+      return self.requested
+    previous, self._pending = self._pending, _any_flag(
+        self._mesh, int(self.requested))
+    if previous is None:
+      return False
+    return bool(np.asarray(previous.addressable_data(0)))
 
   def reason(self) -> str:
     """The signal's name, or the peer's part in it (for the message)."""
     return self.signal_name or 'a signal sent to another process'
+
+
+@functools.lru_cache(maxsize=None)
+def _max_over_devices(mesh: Mesh):
+  return jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
+
+
+def _any_flag(mesh: Mesh, flag: int) -> jax.Array:
+  """The max of every process's `flag`, a replicated scalar (not waited for).
+
+  Each process puts its flag on each of its devices of `mesh` (a 1-D mesh
+  over every device of the run) and the jitted max reduces over all of
+  them, a cross-process all-reduce.
+  """
+  local = np.full((len(mesh.local_devices),), flag, np.int32)
+  flags = jax.make_array_from_process_local_data(
+      NamedSharding(mesh, P(mesh.axis_names)), local, (mesh.devices.size,))
+  return _max_over_devices(mesh)(flags)

@@ -266,12 +266,13 @@ def train(s: Setup, workdir: str, *, allow_config_change: bool = False):
               process_count=jax.process_count())}
   stopped_at = None
   try:
-    with preemption.StopRequests() as stop:
+    with preemption.StopRequests(s.mesh) as stop:
       for step in range(start + 1, s.total_steps + 1):
         state, metrics = s.train_step(state,
                                       global_batch(next(batches), s.mesh))
         reporter.add(metrics)
-        # A signal stops every process after the same step (a collective).
+        # A signal stops every process after the same step (a collective,
+        # answered one step late so the host does not wait for the device).
         stopping = stop.should_stop()
         last = step == s.total_steps or stopping
         if step % config.log_every_steps == 0 or last:
