@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 PyTree = Any
-_CHECKPOINTS = 'checkpoints'
+CHECKPOINTS_SUBDIR = 'checkpoints'
 _DAMAGED = 'checkpoints_damaged'
 
 
@@ -58,7 +58,7 @@ class Checkpointer:
       workdir: the run's directory (local path or gs://).
       keep: how many recent checkpoints to keep.
     """
-    self.directory = absolute(workdir) / _CHECKPOINTS
+    self.directory = absolute(workdir) / CHECKPOINTS_SUBDIR
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -113,8 +113,9 @@ class Checkpointer:
     """Restores the newest step that is complete, readable and checksummed.
 
     Newer damaged steps are skipped with a one-line warning on stderr naming
-    the step and the reason, and set aside under `<workdir>/checkpoints_damaged/` by process
-    0 once a good step is restored.
+    the step and the reason, and set aside under
+    `<workdir>/checkpoints_damaged/` by process 0 once a good step is
+    restored.
 
     Args:
       abstract_state: ShapeDtypeStructs with shardings of the full state.
@@ -128,7 +129,7 @@ class Checkpointer:
     Raises:
       ValueError: every step is damaged (one line; the files are left).
     """
-    _quiet_closed_event_loop()
+    quiet_closed_event_loop()
     steps = sorted(self._manager.all_steps(), reverse=True)
     damaged = []
     for step in steps:
@@ -154,14 +155,14 @@ class Checkpointer:
       meta = self._manager.restore(step, args=ocp.args.Composite(
           meta=ocp.args.JsonRestore())).meta
     except Exception as e:  # pylint: disable=broad-except
-      raise DamagedCheckpointError(f'its meta is unreadable ({_brief(e)})')
+      raise DamagedCheckpointError(f'its meta is unreadable ({brief_error(e)})')
     if not isinstance(meta, dict) or 'config' not in meta:
       raise DamagedCheckpointError('its meta is not a run description')
     try:
       shapes = saved_state_shapes(str(self.directory.parent), step)
     except Exception as e:  # pylint: disable=broad-except
       raise DamagedCheckpointError(
-          f'its array metadata is unreadable ({_brief(e)})')
+          f'its array metadata is unreadable ({brief_error(e)})')
     if not shapes:
       raise DamagedCheckpointError('its array metadata is missing')
     check_fits(step, meta, shapes)
@@ -169,7 +170,8 @@ class Checkpointer:
       state = self.restore(step, abstract_state)
       checksums = array_checksums(state, check_finite=False)
     except Exception as e:  # pylint: disable=broad-except
-      raise DamagedCheckpointError(f'its arrays are unreadable ({_brief(e)})')
+      raise DamagedCheckpointError(
+          f'its arrays are unreadable ({brief_error(e)})')
     saved = meta.get('checksums')
     if saved is None:  # saved before jaxssl recorded checksums
       print(f'jaxssl: warning: checkpoint step {step} has no checksums (an '
@@ -183,7 +185,10 @@ class Checkpointer:
     return state, meta
 
   def _set_aside(self, steps: list[int]) -> None:
-    """Moves damaged steps to `<workdir>/checkpoints_damaged/<step>` (process 0)."""
+    """Moves damaged steps to `<workdir>/checkpoints_damaged/<step>`.
+
+    Process 0 moves them; every process reloads its step list.
+    """
     if not steps:
       return
     if jax.process_index() == 0:
@@ -225,7 +230,7 @@ def _handler_registry(state_restore: type[ocp.args.CheckpointArgs]
 
 
 
-def _quiet_closed_event_loop() -> None:
+def quiet_closed_event_loop() -> None:
   """Drops asyncio's 'Event loop is closed' errors from reads of damaged steps.
 
   When orbax fails to read a damaged array, tensorstore's pending callbacks
@@ -256,7 +261,7 @@ class NonFiniteStateError(FloatingPointError):
   """An array of the state to be saved holds NaN or infinity."""
 
 
-def _brief(error: Exception) -> str:
+def brief_error(error: Exception) -> str:
   """The first line of an error, at most 160 characters."""
   text = (str(error).strip().splitlines() or [''])[0]
   text = f'{type(error).__name__}: {text}' if text else type(error).__name__
@@ -294,7 +299,7 @@ def array_checksums(tree: PyTree, *, check_finite: bool = True
 
 
 
-def _reader(directory: epath.Path, state_restore: type[ocp.args.CheckpointArgs]
+def reader(directory: epath.Path, state_restore: type[ocp.args.CheckpointArgs]
             = ocp.args.StandardRestore) -> ocp.CheckpointManager:
   # Not `read_only=True`: orbax logs three warnings per read-only manager.
   return ocp.CheckpointManager(
@@ -309,10 +314,10 @@ def read_training_meta(workdir: str, step: int | None = None
   Raises:
     FileNotFoundError: if the workdir has no complete checkpoint.
   """
-  directory = absolute(workdir) / _CHECKPOINTS
+  directory = absolute(workdir) / CHECKPOINTS_SUBDIR
   if not directory.exists():
     raise FileNotFoundError(f'no checkpoints under {directory}')
-  manager = _reader(directory)
+  manager = reader(directory)
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no complete checkpoint under {directory}')
@@ -343,107 +348,5 @@ def shapes_by_path(tree: PyTree) -> dict[tuple[str, ...], tuple[int, ...]]:
 def saved_state_shapes(workdir: str, step: int
                        ) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Shapes of every array in the saved TrainState of `step` (metadata only)."""
-  manager = _reader(absolute(workdir) / _CHECKPOINTS)
+  manager = reader(absolute(workdir) / CHECKPOINTS_SUBDIR)
   return shapes_by_path(manager.item_metadata(step)['state'])
-
-
-def restore_encoder_from_training(workdir: str, step: int,
-                                  abstract_variables: PyTree) -> PyTree:
-  """Partially restores `{'params', 'batch_stats'}` of the encoder.
-
-  Reads only `params['encoder']` and `batch_stats['encoder']` of the saved
-  TrainState; the optimizer state and heads are not loaded. Unverified:
-  `restore_newest_good_encoder` checks the checksums.
-
-  Args:
-    workdir: the training run's directory.
-    step: which checkpoint.
-    abstract_variables: `{'params': ..., 'batch_stats': ...}` of the encoder
-      as ShapeDtypeStructs with shardings.
-  """
-  item = {'params': {'encoder': abstract_variables['params']}}
-  if abstract_variables.get('batch_stats'):
-    item['batch_stats'] = {'encoder': abstract_variables['batch_stats']}
-  manager = _reader(absolute(workdir) / _CHECKPOINTS,
-                    state_restore=ocp.args.PyTreeRestore)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-          item=item,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-          partial_restore=True))).state
-  return {'params': restored['params']['encoder'],
-          'batch_stats': restored.get('batch_stats', {}).get('encoder', {})}
-
-
-def restore_newest_good_encoder(
-    workdir: str, abstract_for: Callable[[dict[str, Any]], PyTree]
-) -> tuple[int, dict[str, Any], PyTree]:
-  """The encoder of the newest training step that is readable and intact.
-
-  What `--mode=eval` and `--mode=export` read from a workdir. As
-  `Checkpointer.restore_newest_good`, but for the encoder alone: a newer
-  step whose meta or encoder arrays are unreadable, or whose encoder arrays
-  fail the checksums recorded at save time, is skipped with a one-line
-  warning naming the step and the reason. Nothing is moved: these modes
-  only read (the next training run sets damaged steps aside).
-
-  Args:
-    workdir: the training run's directory.
-    abstract_for: `meta -> {'params', 'batch_stats'}` ShapeDtypeStructs with
-      shardings of the encoder that `meta['encoder_spec']` describes.
-
-  Returns:
-    `(step, meta, variables)`.
-
-  Raises:
-    FileNotFoundError: the workdir has no complete checkpoint.
-    ValueError: every step is damaged (one line naming each reason).
-  """
-  directory = absolute(workdir) / _CHECKPOINTS
-  if not directory.exists():
-    raise FileNotFoundError(f'no checkpoints under {directory}')
-  steps = sorted(_reader(directory).all_steps(), reverse=True)
-  if not steps:
-    raise FileNotFoundError(f'no complete checkpoint under {directory}')
-  _quiet_closed_event_loop()
-  damaged = []
-  for step in steps:
-    try:
-      meta, variables = _verified_encoder(workdir, step, abstract_for)
-    except DamagedCheckpointError as e:
-      print(f'jaxssl: warning: skipping checkpoint step {step} in '
-            f'{directory}: {e}', file=sys.stderr, flush=True)
-      damaged.append(f'step {step}: {e}')
-      continue
-    return step, meta, variables
-  raise ValueError(f'no usable checkpoint in {directory} '
-                   f'({"; ".join(damaged)})')
-
-
-def _verified_encoder(workdir, step, abstract_for):
-  """`(meta, variables)` of `step`, or DamagedCheckpointError saying why."""
-  try:
-    _, meta = read_training_meta(workdir, step)
-    if not isinstance(meta, dict) or 'encoder_spec' not in meta:
-      raise ValueError('no encoder_spec')
-  except Exception as e:  # pylint: disable=broad-except
-    raise DamagedCheckpointError(f'its meta is unreadable ({_brief(e)})')
-  try:
-    variables = restore_encoder_from_training(workdir, step,
-                                              abstract_for(meta))
-    checksums = array_checksums(
-        {'params': {'encoder': variables['params']},
-         'batch_stats': {'encoder': variables['batch_stats']}},
-        check_finite=False)
-  except Exception as e:  # pylint: disable=broad-except
-    raise DamagedCheckpointError(f'its arrays are unreadable ({_brief(e)})')
-  saved = meta.get('checksums')
-  if saved is None:
-    print(f'jaxssl: warning: checkpoint step {step} has no checksums (an '
-          'older jaxssl saved it); read unverified', file=sys.stderr)
-    return meta, variables
-  bad = [k for k in sorted(checksums) if checksums[k] != saved.get(k)]
-  if bad:
-    more = f' and {len(bad) - 1} more arrays' if len(bad) > 1 else ''
-    raise DamagedCheckpointError(f'checksum mismatch in {bad[0]}{more}')
-  return meta, variables

@@ -1,4 +1,4 @@
-"""The exported encoder: its variables and spec, written atomically.
+"""The encoder alone: exported atomically, or read from a training run.
 
 Layout:
   <directory>/{variables,spec}    encoder params + BN statistics, and the
@@ -10,17 +10,23 @@ The export is what evaluation and downstream work load
 (`evaluate.load_encoder`); it holds no optimizer state or heads. It is
 written beside the old one and swapped in only when complete
 (`export_encoder`), so a kill at any moment leaves the old or the new one.
+
+A training workdir's encoder is read from its checkpoints without the
+optimizer state or heads (`restore_encoder_from_training`, a partial
+restore), from the newest step whose encoder arrays match the checksums
+saved with them (`restore_newest_good_encoder`).
 """
 
 import ctypes
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from jaxssl import checkpoint
 from jaxssl.checkpoint import absolute
 
 PyTree = Any
@@ -116,3 +122,109 @@ def load_exported_variables(directory: str, abstract_variables: PyTree
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     return checkpointer.restore(absolute(directory), args=ocp.args.Composite(
         variables=ocp.args.StandardRestore(abstract_variables))).variables
+
+
+def restore_encoder_from_training(workdir: str, step: int,
+                                  abstract_variables: PyTree) -> PyTree:
+  """Partially restores `{'params', 'batch_stats'}` of the encoder.
+
+  Reads only `params['encoder']` and `batch_stats['encoder']` of the saved
+  TrainState; the optimizer state and heads are not loaded. Unverified:
+  `restore_newest_good_encoder` checks the checksums.
+
+  Args:
+    workdir: the training run's directory.
+    step: which checkpoint.
+    abstract_variables: `{'params': ..., 'batch_stats': ...}` of the encoder
+      as ShapeDtypeStructs with shardings.
+  """
+  item = {'params': {'encoder': abstract_variables['params']}}
+  if abstract_variables.get('batch_stats'):
+    item['batch_stats'] = {'encoder': abstract_variables['batch_stats']}
+  manager = checkpoint.reader(
+      absolute(workdir) / checkpoint.CHECKPOINTS_SUBDIR,
+      state_restore=ocp.args.PyTreeRestore)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          item=item,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True))).state
+  return {'params': restored['params']['encoder'],
+          'batch_stats': restored.get('batch_stats', {}).get('encoder', {})}
+
+
+def restore_newest_good_encoder(
+    workdir: str, abstract_for: Callable[[dict[str, Any]], PyTree]
+) -> tuple[int, dict[str, Any], PyTree]:
+  """The encoder of the newest training step that is readable and intact.
+
+  What `--mode=eval` and `--mode=export` read from a workdir. As
+  `Checkpointer.restore_newest_good`, but for the encoder alone: a newer
+  step whose meta or encoder arrays are unreadable, or whose encoder arrays
+  fail the checksums recorded at save time, is skipped with a one-line
+  warning naming the step and the reason. Nothing is moved: these modes
+  only read (the next training run sets damaged steps aside).
+
+  Args:
+    workdir: the training run's directory.
+    abstract_for: `meta -> {'params', 'batch_stats'}` ShapeDtypeStructs with
+      shardings of the encoder that `meta['encoder_spec']` describes.
+
+  Returns:
+    `(step, meta, variables)`.
+
+  Raises:
+    FileNotFoundError: the workdir has no complete checkpoint.
+    ValueError: every step is damaged (one line naming each reason).
+  """
+  directory = absolute(workdir) / checkpoint.CHECKPOINTS_SUBDIR
+  if not directory.exists():
+    raise FileNotFoundError(f'no checkpoints under {directory}')
+  steps = sorted(checkpoint.reader(directory).all_steps(), reverse=True)
+  if not steps:
+    raise FileNotFoundError(f'no complete checkpoint under {directory}')
+  checkpoint.quiet_closed_event_loop()
+  damaged = []
+  for step in steps:
+    try:
+      meta, variables = _verified_encoder(workdir, step, abstract_for)
+    except checkpoint.DamagedCheckpointError as e:
+      print(f'jaxssl: warning: skipping checkpoint step {step} in '
+            f'{directory}: {e}', file=sys.stderr, flush=True)
+      damaged.append(f'step {step}: {e}')
+      continue
+    return step, meta, variables
+  raise ValueError(f'no usable checkpoint in {directory} '
+                   f'({"; ".join(damaged)})')
+
+
+def _verified_encoder(workdir, step, abstract_for):
+  """`(meta, variables)` of `step`, or DamagedCheckpointError saying why."""
+  try:
+    _, meta = checkpoint.read_training_meta(workdir, step)
+    if not isinstance(meta, dict) or 'encoder_spec' not in meta:
+      raise ValueError('no encoder_spec')
+  except Exception as e:  # pylint: disable=broad-except
+    raise checkpoint.DamagedCheckpointError(
+        f'its meta is unreadable ({checkpoint.brief_error(e)})')
+  try:
+    variables = restore_encoder_from_training(workdir, step,
+                                              abstract_for(meta))
+    checksums = checkpoint.array_checksums(
+        {'params': {'encoder': variables['params']},
+         'batch_stats': {'encoder': variables['batch_stats']}},
+        check_finite=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise checkpoint.DamagedCheckpointError(
+        f'its arrays are unreadable ({checkpoint.brief_error(e)})')
+  saved = meta.get('checksums')
+  if saved is None:
+    print(f'jaxssl: warning: checkpoint step {step} has no checksums (an '
+          'older jaxssl saved it); read unverified', file=sys.stderr)
+    return meta, variables
+  bad = [k for k in sorted(checksums) if checksums[k] != saved.get(k)]
+  if bad:
+    more = f' and {len(bad) - 1} more arrays' if len(bad) > 1 else ''
+    raise checkpoint.DamagedCheckpointError(
+        f'checksum mismatch in {bad[0]}{more}')
+  return meta, variables

@@ -92,7 +92,7 @@ def load_encoder(source: str, mesh: Mesh, *, prefer_export: bool = True,
       `export/` if present and `prefer_export`, else the encoder part of its
       newest intact checkpoint, restored partially and checked against the
       checksums saved with it; damaged newer steps are skipped with a
-      warning, `checkpoint.restore_newest_good_encoder`).
+      warning, `encoder_export.restore_newest_good_encoder`).
     mesh: variables are placed replicated on this mesh.
     prefer_export: for a workdir, use its `export/` when there is one.
     kernels: the ops the returned encoder runs with (`build_encoder`).
@@ -112,7 +112,7 @@ def load_encoder(source: str, mesh: Mesh, *, prefer_export: bool = True,
     _, abstract = build_encoder(meta['encoder_spec'], kernels=kernels)
     return checkpoint.abstract_with_sharding(abstract, replicated)
 
-  step, meta, variables = checkpoint.restore_newest_good_encoder(
+  step, meta, variables = encoder_export.restore_newest_good_encoder(
       source, abstract_for)
   spec = dict(meta['encoder_spec'], step=step)
   encoder, _ = build_encoder(spec, kernels=kernels)
