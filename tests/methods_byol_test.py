@@ -221,7 +221,14 @@ def test_eight_devices_equal_one_device(tiny, mesh1, mesh8):
   _, eight = _run_steps(config, mesh8, 3)
   for (_, state1, metrics1), (_, state8, metrics8) in zip(one, eight):
     for key in ('loss', 'target_online_agreement', 'embedding_std'):
-      np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=1e-5)
+      # The agreement is a mean of cosines, terms in [-1, 1] that cancel
+      # (-0.0156 at a step here, the runs 1.9e-7 apart): 1e-5 of the terms'
+      # scale, 1, is the bound, as in methods_simsiam_test; 1e-5 of a
+      # near-zero mean is not. The loss (two `2 - 2 cos` terms, near 4
+      # here) and the std keep rtol 1e-5.
+      cosines = key == 'target_online_agreement'
+      np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=1e-5,
+                                 atol=1e-5 if cosines else 0, err_msg=key)
     for tree in ('params', 'batch_stats', 'extra'):
       _sharded_vs_single_close(getattr(state8, tree), getattr(state1, tree))
 
