@@ -59,9 +59,14 @@ class HubServer:
 
       def handle(self):
         hub.track(self.connection)
-        for line in self.rfile:
-          self.wfile.write(hub.answer(line) + b'\n')
-          self.wfile.flush()
+        try:
+          for line in self.rfile:
+            self.wfile.write(hub.answer(line) + b'\n')
+            self.wfile.flush()
+        except OSError:
+          # A peer that dies mid-request resets its connection: that is
+          # the watchdog's news to tell (one line), not a traceback here.
+          pass
 
     class Server(socketserver.ThreadingTCPServer):
       address_family = (socket.AF_INET6 if ':' in bind_host

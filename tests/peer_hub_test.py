@@ -1,6 +1,9 @@
 """The watchdog's key-value hub (jaxssl.peer_hub), on loopback."""
 
 import json
+import socket
+import struct
+import time
 
 import pytest
 
@@ -45,6 +48,22 @@ def test_a_closed_hub_raises_connection_error_then_reconnects_fails(hub):
   for _ in range(2):  # the broken connection, then the refused reconnect
     with pytest.raises(ConnectionError):
       client.exchange({'beat/1': '2'})
+
+
+def test_a_peer_that_resets_its_connection_prints_nothing(hub, capsys):
+  # A killed peer's kernel resets its connection mid-request; process 0's
+  # hub must not print a traceback for it (the watchdog says one line).
+  client = _client(hub)
+  client.exchange({'beat/1': '1'})
+  dying = socket.create_connection(('127.0.0.1', hub.port))
+  dying.sendall(b'{"token": ')  # half a request, then a reset (RST)
+  time.sleep(0.2)
+  dying.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                   struct.pack('ii', 1, 0))
+  dying.close()
+  time.sleep(0.5)  # the hub's thread reads the reset
+  assert client.exchange({'beat/1': '2'}) == {'beat/1': '2'}
+  assert capsys.readouterr().err == ''
 
 
 def test_the_client_tries_each_host_and_keeps_the_good_one(hub):
