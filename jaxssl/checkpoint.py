@@ -172,16 +172,8 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise DamagedCheckpointError(
           f'its arrays are unreadable ({brief_error(e)})')
-    saved = meta.get('checksums')
-    if saved is None:  # saved before jaxssl recorded checksums
-      print(f'jaxssl: warning: checkpoint step {step} has no checksums (an '
-            'older jaxssl saved it); restored unverified', file=sys.stderr)
-      saved = checksums
-    bad = [k for k in sorted(set(checksums) | set(saved))
-           if checksums.get(k) != saved.get(k)]
-    if bad:
-      more = f' and {len(bad) - 1} more arrays' if len(bad) > 1 else ''
-      raise DamagedCheckpointError(f'checksum mismatch in {bad[0]}{more}')
+    verify_checksums(step, checksums, meta, whole_state=True,
+                     unverified='restored unverified')
     return state, meta
 
   def _set_aside(self, steps: list[int]) -> None:
@@ -259,6 +251,32 @@ class DamagedCheckpointError(Exception):
 
 class NonFiniteStateError(FloatingPointError):
   """An array of the state to be saved holds NaN or infinity."""
+
+
+def verify_checksums(step: int, checksums: dict[str, int],
+                     meta: dict[str, Any], *, whole_state: bool,
+                     unverified: str) -> None:
+  """Raises DamagedCheckpointError if read arrays differ from those saved.
+
+  Args:
+    step: the checkpoint step (for the messages).
+    checksums: `array_checksums` of the arrays read back.
+    meta: the step's meta; `meta['checksums']` is what was saved.
+    whole_state: the arrays read are the whole state, so an array saved
+      but not read is a mismatch too; else only those read are compared.
+    unverified: what the warning says was done with a step that has no
+      checksums (an older jaxssl saved it).
+  """
+  saved = meta.get('checksums')
+  if saved is None:
+    print(f'jaxssl: warning: checkpoint step {step} has no checksums (an '
+          f'older jaxssl saved it); {unverified}', file=sys.stderr)
+    return
+  keys = set(checksums) | set(saved) if whole_state else set(checksums)
+  bad = [k for k in sorted(keys) if checksums.get(k) != saved.get(k)]
+  if bad:
+    more = f' and {len(bad) - 1} more arrays' if len(bad) > 1 else ''
+    raise DamagedCheckpointError(f'checksum mismatch in {bad[0]}{more}')
 
 
 def brief_error(error: Exception) -> str:

@@ -217,14 +217,6 @@ def _verified_encoder(workdir, step, abstract_for):
   except Exception as e:  # pylint: disable=broad-except
     raise checkpoint.DamagedCheckpointError(
         f'its arrays are unreadable ({checkpoint.brief_error(e)})')
-  saved = meta.get('checksums')
-  if saved is None:
-    print(f'jaxssl: warning: checkpoint step {step} has no checksums (an '
-          'older jaxssl saved it); read unverified', file=sys.stderr)
-    return meta, variables
-  bad = [k for k in sorted(checksums) if checksums[k] != saved.get(k)]
-  if bad:
-    more = f' and {len(bad) - 1} more arrays' if len(bad) > 1 else ''
-    raise checkpoint.DamagedCheckpointError(
-        f'checksum mismatch in {bad[0]}{more}')
+  checkpoint.verify_checksums(step, checksums, meta, whole_state=False,
+                              unverified='read unverified')
   return meta, variables

@@ -35,8 +35,8 @@ from jax.sharding import Mesh
 
 from jaxssl import checkpoint
 from jaxssl import cpu_kernels
-from jaxssl import encoder_export
 from jaxssl import datasets
+from jaxssl import encoder_export
 from jaxssl import input_pipeline
 from jaxssl import models
 from jaxssl import parallel

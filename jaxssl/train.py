@@ -16,9 +16,9 @@ from etils import epath
 from jaxssl import checkpoint
 from jaxssl import config_schema
 from jaxssl import cpu_kernels
-from jaxssl import encoder_export
 from jaxssl import datasets
 from jaxssl import distributed
+from jaxssl import encoder_export
 from jaxssl import evaluate
 from jaxssl import input_pipeline
 from jaxssl import methods
