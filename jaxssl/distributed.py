@@ -23,6 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxssl import peer_hub
+from jaxssl import supervisor
 
 # Environment equivalents of the --coordinator_address, --num_processes and
 # --process_id flags (the flags win).
@@ -365,7 +366,7 @@ class _Watchdog:
 
 
 _watchdog: _Watchdog | None = None
-_hub: peer_hub.HubServer | None = None  # process 0 only
+_hub: peer_hub.HubServer | None = None  # process 0 when unsupervised
 
 
 def _beat_interval(timeout_seconds: float) -> float:
@@ -385,8 +386,11 @@ def _start_watchdog(timeout_seconds: float,
   A collective: every process calls it right after initialising.
   """
   global _watchdog, _hub
-  _hub, client = peer_hub.share_hub(
-      coordinator_host, timeout_seconds=_beat_interval(timeout_seconds))
+  interval = _beat_interval(timeout_seconds)
+  _hub, client = peer_hub.share_hub(coordinator_host, timeout_seconds=interval,
+                                    serve=supervisor.serve_hub)
+  supervisor.report_identity(jax.process_index(), jax.process_count(),
+                             client, interval)
   _watchdog = _Watchdog(client, jax.process_index(), jax.process_count(),
                         timeout_seconds)
   _watchdog.start()

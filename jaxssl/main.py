@@ -110,12 +110,9 @@ def _run_mode(mode: str) -> None:
   if mode in ('train', 'export'):
     command_line.check_writable_directory('workdir', _WORKDIR.value)
   from jaxssl import distributed, evaluate, parallel, train  # pylint: disable=g-import-not-at-top
-  if distributed.maybe_initialize_distributed(
+  distributed.maybe_initialize_distributed(
       _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-      heartbeat_timeout_seconds=_HEARTBEAT.value):
-    import jax  # pylint: disable=g-import-not-at-top
-    from jaxssl import supervisor  # pylint: disable=g-import-not-at-top
-    supervisor.report_identity(jax.process_index(), jax.process_count())
+      heartbeat_timeout_seconds=_HEARTBEAT.value)
   if mode == 'train':
     train.run(config, _WORKDIR.value,
               allow_config_change=_ALLOW_CHANGE.value)

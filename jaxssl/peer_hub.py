@@ -4,9 +4,11 @@ The multi-process watchdog (`jaxssl.distributed`) needs a store that every
 process can write its own keys to (heartbeat counter, exit state) and read
 all keys from. JAX's coordination service has one, but no public accessor
 for its client, so jaxssl runs its own: process 0 serves the store on its
-host (one thread per connection), and its address and a random token reach
-the other processes through `multihost_utils.broadcast_one_to_all`, a
-collective that every process makes right after `jax.distributed.initialize`.
+host (one thread per connection; in its supervisor, `jaxssl.supervisor`,
+when there is one, so that the store outlives a crashed worker), and its
+address and a random token reach the other processes through
+`multihost_utils.broadcast_one_to_all`, a collective that every process
+makes right after `jax.distributed.initialize`.
 
 Protocol: one JSON object per line. A request `{"token": t, "set": {key:
 value, ...}}` stores the pairs and is answered with the whole store,
@@ -20,6 +22,7 @@ import secrets
 import socket
 import socketserver
 import threading
+from typing import Callable
 
 import jax
 import numpy as np
@@ -127,7 +130,7 @@ class HubClient:
       token: the hub's token.
       timeout_seconds: how long one connect or one answer may take.
     """
-    self.hosts, self.port, self._token = list(hosts), port, token
+    self.hosts, self.port, self.token = list(hosts), port, token
     self._timeout = timeout_seconds
     self._lock = threading.Lock()
     self._socket: socket.socket | None = None
@@ -144,7 +147,7 @@ class HubClient:
       OSError: the hub did not answer (its process died, or the network);
         the next call reconnects.
     """
-    request = json.dumps({'token': self._token, 'set': updates}).encode()
+    request = json.dumps({'token': self.token, 'set': updates}).encode()
     with self._lock:
       try:
         if self._socket is None:
@@ -201,9 +204,10 @@ def advertised_hosts(coordinator_host: str | None) -> list[str]:
   return list(dict.fromkeys(hosts))
 
 
-def share_hub(coordinator_host: str | None,
-              timeout_seconds: float) -> tuple[HubServer | None, HubClient]:
-  """Starts the hub on process 0 and connects every process to it.
+def share_hub(coordinator_host: str | None, timeout_seconds: float, *,
+              serve: Callable[[str], tuple[int, str] | None] | None = None
+              ) -> tuple[HubServer | None, HubClient]:
+  """Starts the hub for process 0 and connects every process to it.
 
   A collective: every process calls it once, right after
   `jax.distributed.initialize`.
@@ -211,9 +215,14 @@ def share_hub(coordinator_host: str | None,
   Args:
     coordinator_host: see `advertised_hosts`.
     timeout_seconds: passed to `HubClient`.
+    serve: on process 0, asks another process on this host to serve the
+      hub on the given bind address and returns its `(port, token)`, or None
+      when there is no such process (`jaxssl.supervisor.serve_hub`: the
+      supervisor outlives a crashed worker, and so does the hub).
 
   Returns:
-    `(server, client)`; `server` is None except on process 0.
+    `(server, client)`; `server` is None except on process 0 when this
+    process serves the hub itself.
   """
   server = None
   payload = np.zeros(_ADDRESS_BYTES, np.uint8)
@@ -221,8 +230,11 @@ def share_hub(coordinator_host: str | None,
     hosts = advertised_hosts(coordinator_host)
     bind = hosts[0] if is_loopback(hosts[0]) else (
         '::' if ':' in hosts[0] else '')
-    server = HubServer(bind)
-    text = json.dumps([hosts, server.port, server.token]).encode()
+    served = serve(bind) if serve is not None else None
+    if served is None:
+      server = HubServer(bind)
+      served = server.port, server.token
+    text = json.dumps([hosts, *served]).encode()
     if len(text) > _ADDRESS_BYTES:
       raise ValueError(f'host names too long to share: {hosts}')
     payload[:len(text)] = np.frombuffer(text, np.uint8)

@@ -24,25 +24,38 @@ command again as a worker child, and `supervise` stays in front of it:
   the lost peer is printed; the exit status is then `EXIT_PEER_LOST`, as
   it is when the worker's own watchdog names the lost peer.
 
+A crash output names no process, so the supervisors tell each other their
+workers' fates through the watchdog hub, which process 0's supervisor
+serves (`jaxssl.peer_fates`): the worker and its supervisor share a control
+socket, over which process 0's worker asks for the hub
+(`serve_hub`) and every worker says which process of how many it is and
+where the hub is (`report_identity`).
+
 Single-process runs are not supervised. `-v` (any verbosity) relays
 everything, dumps included.
 """
 
 import ctypes
+import json
 import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+
+from jaxssl import peer_fates
+from jaxssl import peer_hub
 
 # EX_UNAVAILABLE of BSD's sysexits.h: a service (here, a peer) went away.
 EXIT_PEER_LOST = 69
 HOLD_SECONDS = 30
 _CRASH_BYTES = 1 << 16  # how much crash output is kept to look for causes
 ENV_SUPERVISOR_PID = 'JAXSSL_SUPERVISOR_PID'
-_ENV_IDENTITY_FD = 'JAXSSL_SUPERVISOR_FD'
+_ENV_CONTROL_FD = 'JAXSSL_SUPERVISOR_FD'
 _PR_SET_PDEATHSIG = 1
 # The first line of native crash output: glog E/F lines, C++ terminate,
 # CPython's fatal error handler.
@@ -53,7 +66,7 @@ _PEER_SIGNS = (b'gloo', b'Connection closed by peer', b'Connection reset',
                b'leader task', b'coordination service', b'UNAVAILABLE',
                b'heartbeat')
 _LEADER_SIGNS = (b'leader task', b'coordination service')
-_OWN_LOST_LINE = b'jaxssl: error: lost process '
+_OWN_LOST_LINE_RE = re.compile(rb'jaxssl: error: lost process (\d+) ')
 _RESTART = ('stopping this process too (restart every process with the same '
             '--workdir to resume from the last checkpoint)')
 
@@ -74,43 +87,156 @@ def become_worker() -> None:
     os._exit(EXIT_PEER_LOST)  # pylint: disable=protected-access
 
 
-def report_identity(process_index: int, process_count: int) -> None:
-  """Tells the supervisor (if any) which process of how many this is."""
-  fd = os.environ.get(_ENV_IDENTITY_FD)
-  if fd is None or not is_worker():
+_control: socket.socket | None = None  # the worker's end
+
+
+def _worker_control() -> socket.socket | None:
+  """The worker's end of the control socket, or None when unsupervised."""
+  global _control
+  fd = os.environ.get(_ENV_CONTROL_FD)
+  if _control is None and fd is not None and is_worker():
+    try:
+      _control = socket.socket(fileno=int(fd))
+    except OSError:
+      return None
+  return _control
+
+
+def serve_hub(bind_host: str) -> tuple[int, str] | None:
+  """Has the supervisor serve the watchdog hub (`peer_hub.share_hub`'s serve).
+
+  Args:
+    bind_host: the address to listen on.
+
+  Returns:
+    The hub's `(port, token)`, or None when this process is unsupervised.
+  """
+  control = _worker_control()
+  if control is None:
+    return None
+  control.sendall(b'hub ' + json.dumps(bind_host).encode() + b'\n')
+  reply = control.makefile('rb').readline().split()
+  if len(reply) != 2:
+    return None  # the supervisor could not serve it: this process will
+  return int(reply[0]), reply[1].decode()
+
+
+def report_identity(process_index: int, process_count: int,
+                    hub: peer_hub.HubClient | None = None,
+                    beat_interval: float = 1.) -> None:
+  """Tells the supervisor (if any) which process of how many this is.
+
+  Args:
+    process_index: this process.
+    process_count: the number of processes.
+    hub: this process's connection to the run's watchdog hub, whose address
+      the supervisor then uses to learn its peers' fates.
+    beat_interval: seconds between the workers' heartbeats.
+  """
+  control = _worker_control()
+  if control is None:
     return
+  address = [hub.hosts, hub.port, hub.token] if hub is not None else None
+  record = [process_index, process_count, address, beat_interval]
   try:
-    os.write(int(fd), f'{process_index} {process_count}\n'.encode())
-    os.close(int(fd))
+    control.sendall(b'identity ' + json.dumps(record).encode() + b'\n')
   except OSError:
     pass
 
 
-def lost_peer_line(process_index: int, process_count: int,
-                   crash: bytes) -> str | None:
+class _Control:
+  """The supervisor's end of the control socket, answered by a thread."""
+
+  def __init__(self, end: socket.socket):
+    self.server: peer_hub.HubServer | None = None
+    self.identity: tuple[int, int] | None = None
+    self.hub: peer_hub.HubClient | None = None
+    self.beat_interval = 1.
+    self._end = end
+    self._thread = threading.Thread(target=self._run, name='jaxssl-control',
+                                    daemon=True)
+    self._thread.start()
+
+  def join(self) -> None:
+    """Waits briefly for the requests of a worker that has ended."""
+    self._thread.join(2.)
+
+  def tell_fate(self, fate: str | None, *, lost: list[int] | None) -> None:
+    """Publishes the worker's fate (None: already published) for the peers.
+
+    The supervisor that serves the hub then keeps it up until the peers
+    that were not lost have concluded too.
+    """
+    if self.hub is None or self.identity is None:
+      return
+    index, count = self.identity
+    if fate is not None:
+      peer_fates.publish(self.hub, {f'fate/{index}': fate,
+                                    f'done/{index}': '1'})
+    if self.server is not None:
+      peer_fates.linger(self.hub, index, count, lost)
+
+  def _run(self) -> None:
+    with self._end.makefile('rb') as requests:
+      for line in requests:
+        kind, _, body = line.partition(b' ')
+        try:
+          self._answer(kind, json.loads(body))
+        except (ValueError, TypeError, OSError):
+          if kind == b'hub':  # the worker serves the hub itself then
+            self._end.sendall(b'\n')
+
+  def _answer(self, kind: bytes, body) -> None:
+    if kind == b'hub':
+      self.server = peer_hub.HubServer(str(body))
+      self._end.sendall(f'{self.server.port} {self.server.token}\n'.encode())
+    elif kind == b'identity':
+      index, count, address, self.beat_interval = body
+      if address is not None:
+        hosts, port, token = address
+        self.hub = peer_hub.HubClient(hosts, int(port), str(token),
+                                      timeout_seconds=2.)
+      self.identity = int(index), int(count)
+
+
+def shows_peer_loss(crash: bytes) -> bool:
+  """Whether native crash output shows a broken cross-process connection."""
+  return any(sign in crash for sign in _PEER_SIGNS)
+
+
+def lost_peer_line(process_index: int, process_count: int, crash: bytes,
+                   lost: list[int] | None = None) -> str | None:
   """The one line for a worker that died with `crash` as its last output.
 
   Args:
     process_index: the dead worker's process index.
     process_count: the number of processes of the run.
     crash: the native crash output (from its first line).
+    lost: the lost processes, when the peers' fates told them
+      (`jaxssl.peer_fates`); otherwise they are inferred where possible: the
+      other process of two, process 0 when the coordination service broke.
 
   Returns:
     `'jaxssl: error: lost process <q> of <n>: ...'`, or None when `crash`
     shows no broken connection (a crash of this process's own).
   """
-  if not any(sign in crash for sign in _PEER_SIGNS):
+  if not shows_peer_loss(crash):
     return None
   n = process_count
   leader = any(sign in crash for sign in _LEADER_SIGNS)
-  if n == 2:
-    peer = f'process {1 - process_index} of {n}'
-  elif leader and process_index != 0:
-    peer = f'process 0 of {n}'
-  else:
+  if lost is None and n == 2:
+    lost = [1 - process_index]
+  elif lost is None and leader and process_index != 0:
+    lost = [0]
+  if not lost:
     peer = f'a peer process of {n} (which one is not known here)'
-  where = ('its connection to the coordination service broke' if leader
-           else 'a cross-process collective lost its connection')
+  elif len(lost) == 1:
+    peer = f'process {lost[0]} of {n}'
+  else:
+    peer = f"processes {', '.join(map(str, lost))} of {n}"
+  where = ('a cross-process collective lost its connection'
+           if b'gloo' in crash or not leader
+           else 'its connection to the coordination service broke')
   return (f'jaxssl: error: lost {peer}: {where} (it was killed, crashed or '
           f'was preempted); {_RESTART}')
 
@@ -128,14 +254,15 @@ def supervise(worker_args: list[str], *, hold: bool = True,
     The exit status for this process: the worker's own, `EXIT_PEER_LOST`
     after a lost peer, or 128 + the signal that killed the worker.
   """
-  identity_read, identity_write = os.pipe()
+  ours, theirs = socket.socketpair()
   env = dict(os.environ, **{ENV_SUPERVISOR_PID: str(os.getpid()),
-                            _ENV_IDENTITY_FD: str(identity_write)})
+                            _ENV_CONTROL_FD: str(theirs.fileno())})
   child = subprocess.Popen(
       [*(program or [sys.executable, '-m', 'jaxssl.main']), *worker_args],
-      env=env,
-      stderr=subprocess.PIPE, pass_fds=(identity_write,), process_group=0)
-  os.close(identity_write)
+      env=env, stderr=subprocess.PIPE, pass_fds=(theirs.fileno(),),
+      process_group=0)
+  theirs.close()
+  control = _Control(ours)
   forward = lambda signum, frame: child.send_signal(signum)
   previous = {signum: signal.signal(signum, forward)
               for signum in (signal.SIGTERM, signal.SIGINT)}
@@ -145,9 +272,8 @@ def supervise(worker_args: list[str], *, hold: bool = True,
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
-  identity = os.read(identity_read, 64).split()
-  os.close(identity_read)
-  return _conclude(returncode, own, held, crash, identity)
+  control.join()
+  return _conclude(returncode, own, held, crash, control)
 
 
 def _relay(child: subprocess.Popen, hold: bool) -> tuple[bytes, bytes, bytes]:
@@ -185,20 +311,29 @@ def _relay(child: subprocess.Popen, hold: bool) -> tuple[bytes, bytes, bytes]:
 
 
 def _conclude(returncode: int, own: bytes, held: bytes, crash: bytes,
-              identity: list[bytes]) -> int:
+              control: _Control) -> int:
   """The exit status, after printing held output or the lost-peer line."""
-  if own.startswith(_OWN_LOST_LINE):
-    return EXIT_PEER_LOST  # the worker's watchdog already named the peer
-  if own:
-    return returncode  # the worker said why in one line; the rest is noise
   abnormal = returncode < 0 or returncode > 2 and returncode not in (
       EXIT_PEER_LOST, 75)
-  line = None
-  if abnormal and len(identity) == 2:
-    line = lost_peer_line(int(identity[0]), int(identity[1]), crash)
-  if line is not None:
-    print(line, file=sys.stderr, flush=True)
+  named = _OWN_LOST_LINE_RE.match(own)
+  if named:  # the worker's watchdog named the peer
+    control.tell_fate(peer_fates.PEER, lost=[int(named[1])])
     return EXIT_PEER_LOST
-  sys.stderr.buffer.write(held)
-  sys.stderr.flush()
-  return 128 - returncode if returncode < 0 else returncode
+  if own or not abnormal or control.identity is None:
+    sys.stderr.buffer.write(b'' if own else held)
+    sys.stderr.flush()
+    return 128 - returncode if returncode < 0 else returncode
+  index, count = control.identity
+  if not shows_peer_loss(crash):  # this worker's own death, not a peer's
+    control.tell_fate(peer_fates.OWN, lost=None)
+    sys.stderr.buffer.write(held)
+    sys.stderr.flush()
+    return 128 - returncode if returncode < 0 else returncode
+  lost = None
+  if control.hub is not None:
+    lost = peer_fates.judge_lost(control.hub, index, count,
+                                 control.beat_interval)
+  print(lost_peer_line(index, count, crash, lost), file=sys.stderr,
+        flush=True)
+  control.tell_fate(None, lost=lost)
+  return EXIT_PEER_LOST

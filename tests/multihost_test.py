@@ -1,10 +1,11 @@
-"""A simulated pod: real processes on 127.0.0.1, 4 CPU devices each.
+"""A simulated pod: real processes on 127.0.0.1, 2 or 4 CPU devices each.
 
 Covers: 2 processes × 4 devices train like 1 process × 8 devices at the same
 global batch and seed (losses and parameters); each process reads only its
 half of the train split; a 2-process checkpoint resumes in a 1-process run
-and continues like an uninterrupted one; killing either process, or an error
-in one, stops the other within 60 s with one line that names the peer;
+and continues like an uninterrupted one; killing any process of two or
+three, or an error in one, stops the others within 60 s with one line that
+names the lost process;
 SIGTERM to either or both stops both after the same step, saved.
 
 The processes run `python -m jaxssl.main` exactly as a user would; the
@@ -58,18 +59,20 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start_pod(workdir, data_dir, logs, overrides, per_process=None):
-  """Starts 2 processes of `jaxssl.main` × 4 devices; returns the Popens."""
+def _start_pod(workdir, data_dir, logs, overrides, per_process=None, *,
+               count=2, devices=4):
+  """Starts `count` processes of `jaxssl.main` × `devices`; returns Popens."""
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if not k.startswith('JAXSSL_')}
-  env.update(XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
              JAX_PLATFORMS='cpu')
-  # Process 0 gets the flags, process 1 the equivalent JAXSSL_* variables.
+  # Process 0 gets the flags, the others the equivalent JAXSSL_* variables.
   settings = [([f'--coordinator_address=127.0.0.1:{port}',
-                '--num_processes=2', '--process_id=0'], {}),
-              ([], {distributed.ENV_COORDINATOR_ADDRESS: f'127.0.0.1:{port}',
-                    distributed.ENV_NUM_PROCESSES: '2',
-                    distributed.ENV_PROCESS_ID: '1'})]
+                f'--num_processes={count}', '--process_id=0'], {})]
+  settings += [([], {distributed.ENV_COORDINATOR_ADDRESS: f'127.0.0.1:{port}',
+                     distributed.ENV_NUM_PROCESSES: str(count),
+                     distributed.ENV_PROCESS_ID: str(q)})
+               for q in range(1, count)]
   processes = []
   for i, (process_args, process_env) in enumerate(settings):
     args = [f'--config.{k}={v}' for k, v in {**POD, **overrides}.items()]
@@ -213,34 +216,45 @@ def _wait_for(path, text, processes, timeout):
                        f'{path.read_text()[-2000:]}')
 
 
-@pytest.mark.parametrize('victim', [1, 0])
-def test_a_killed_process_stops_its_peer_within_60s(data_dir, tmp_path,
-                                                    victim):
-  # Whichever process dies, and wherever the survivor is (its watchdog, or a
-  # collective that aborts natively), the survivor's supervisor ends it with
-  # one line naming the peer, and no dump.
-  processes = _start_pod(tmp_path / 'run', data_dir, tmp_path,
-                         {'num_train_steps': 100_000})
-  survivor = 1 - victim
+# Three processes × 2 devices share a global batch of 24 in 3 shards.
+_THREE = {'num_train_steps': 100_000, 'global_batch_size': 24,
+          'dataset.num_shards': 3}
+
+
+@pytest.mark.parametrize('count,victim', [(3, 1), (2, 0)])
+def test_a_killed_process_stops_its_peers_within_60s(data_dir, tmp_path,
+                                                     count, victim):
+  # Whichever process dies, and wherever the survivors are (their watchdog,
+  # or a collective that aborts natively), each survivor's supervisor ends
+  # it with one line naming the lost process, and no dump. Of three, the
+  # survivors' crash output names nobody: their supervisors agree on the
+  # lost one through the hub (jaxssl.peer_fates); of two, process 0's death
+  # also takes the hub with it.
+  overrides = _THREE if count == 3 else {'num_train_steps': 100_000}
+  processes = _start_pod(tmp_path / 'run', data_dir, tmp_path, overrides,
+                         count=count, devices=2 if count == 3 else 4)
+  survivors = [q for q in range(count) if q != victim]
   try:
     _wait_for(tmp_path / 'out0', 'step 2/', processes, STARTUP_TIMEOUT_S)
-    before = _read(tmp_path, f'err{survivor}')
+    before = {q: _read(tmp_path, f'err{q}') for q in survivors}
     processes[victim].send_signal(signal.SIGKILL)
     killed = time.monotonic()
-    code = processes[survivor].wait(PEER_EXIT_BOUND_S + 30)
+    codes = [processes[q].wait(PEER_EXIT_BOUND_S + 30) for q in survivors]
     elapsed = time.monotonic() - killed
   finally:
     _wait_all(processes, 1)
-  err = _read(tmp_path, f'err{survivor}')
-  assert elapsed < PEER_EXIT_BOUND_S, (code, elapsed, err)
-  assert code == supervisor.EXIT_PEER_LOST, (code, err)
-  assert err.startswith(before)
-  (line,) = err[len(before):].strip().splitlines()
-  assert line.startswith(f'jaxssl: error: lost process {victim} of 2'), err
-  assert line.endswith('restart every process with the same --workdir to '
-                       'resume from the last checkpoint)')
-  for dump in ('Fatal Python error', 'terminate called', 'Traceback'):
-    assert dump not in err
+  errs = {q: _read(tmp_path, f'err{q}') for q in survivors}
+  assert elapsed < PEER_EXIT_BOUND_S, (codes, elapsed, errs)
+  assert codes == [supervisor.EXIT_PEER_LOST] * len(survivors), errs
+  for q, err in errs.items():
+    assert err.startswith(before[q])
+    (line,) = err[len(before[q]):].strip().splitlines()
+    assert line.startswith(f'jaxssl: error: lost process {victim} of '
+                           f'{count}: '), err
+    assert line.endswith('restart every process with the same --workdir to '
+                         'resume from the last checkpoint)')
+    for dump in ('Fatal Python error', 'terminate called', 'Traceback'):
+      assert dump not in err
 
 
 def _stop_pod(workdir, data_dir, logs, signalled, at_step):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -123,3 +124,89 @@ def test_signals_are_forwarded_to_the_worker(capfd, tmp_path, signum):
   assert code == preemption.EXIT_PREEMPTED
   assert signal.getsignal(signum) is before
   capfd.readouterr()
+
+
+# A worker of a three-process run: process 0's asks its supervisor for the
+# hub and shares the address through a file (as the broadcast would), each
+# reports its identity and beats until the file `crash` appears, then dies
+# as a survivor does inside a collective.
+_POD_WORKER = textwrap.dedent("""\
+    import json, os, sys, time
+    from jaxssl import peer_hub, supervisor
+    supervisor.become_worker()
+    index, folder = int(sys.argv[1]), sys.argv[2]
+    path = lambda name: os.path.join(folder, name)
+    if index == 0:
+      with open(path('hub.tmp'), 'w') as f:
+        json.dump(supervisor.serve_hub('127.0.0.1'), f)
+      os.replace(path('hub.tmp'), path('hub'))
+    while not os.path.exists(path('hub')):
+      time.sleep(0.05)
+    port, token = json.load(open(path('hub')))
+    hub = peer_hub.HubClient(['127.0.0.1'], port, token, 2.)
+    supervisor.report_identity(index, 3, hub, 0.2)
+    with open(path(f'pid{index}.tmp'), 'w') as f:
+      f.write(str(os.getpid()))
+    os.replace(path(f'pid{index}.tmp'), path(f'pid{index}'))
+    beat = 0
+    while not os.path.exists(path('crash')):
+      beat += 1
+      hub.exchange({f'beat/{index}': str(beat)})
+      time.sleep(0.2)
+    """) + _GLOO_ABORT
+
+
+def _start_pod_of_supervisors(folder):
+  """Three supervisor processes, each over a `_POD_WORKER`."""
+  supervisors = []
+  for index in range(3):
+    program = [sys.executable, '-c', _POD_WORKER, str(index), str(folder)]
+    code = ('import sys\nfrom jaxssl import supervisor\n'
+            f'sys.exit(supervisor.supervise([], program={program!r}))')
+    supervisors.append(subprocess.Popen(
+        [sys.executable, '-c', code], stderr=subprocess.PIPE, text=True))
+  for index in range(3):
+    _wait_for_file(folder / f'pid{index}')
+  return supervisors
+
+
+def _wait_for_file(path, timeout=60):
+  deadline = time.monotonic() + timeout
+  while not path.exists():
+    assert time.monotonic() < deadline, f'{path} never appeared'
+    time.sleep(0.05)
+
+
+@pytest.mark.parametrize('victim,how', [(1, 'process'), (0, 'process'),
+                                        (2, 'worker')])
+def test_three_processes_survivors_name_the_lost_one(tmp_path, victim, how):
+  # 'process': the victim's supervisor is killed, its worker dies with it;
+  # 'worker': only the worker is killed (as by the OOM killer), and its
+  # supervisor says so. Either way the survivors, whose crash output names
+  # nobody, agree through the hub on which process was lost.
+  supervisors = _start_pod_of_supervisors(tmp_path)
+  try:
+    if how == 'process':
+      supervisors[victim].kill()
+    else:
+      os.kill(int((tmp_path / f'pid{victim}').read_text()), signal.SIGKILL)
+    supervisors[victim].wait(30)
+    (tmp_path / 'crash').touch()
+    started = time.monotonic()
+    survivors = [q for q in range(3) if q != victim]
+    codes = [supervisors[q].wait(60) for q in survivors]
+    elapsed = time.monotonic() - started
+    errs = [supervisors[q].stderr.read() for q in survivors]
+  finally:
+    for p in supervisors:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+  assert codes == [supervisor.EXIT_PEER_LOST] * 2, errs
+  expected = (f'jaxssl: error: lost process {victim} of 3: a cross-process '
+              'collective lost its connection (it was killed, crashed or was '
+              'preempted); stopping this process too (restart every process '
+              'with the same --workdir to resume from the last checkpoint)')
+  for err in errs:
+    assert err.splitlines() == ['a warning of the healthy run', expected]
+  assert elapsed < 10, elapsed  # no survivor waited out the whole wait
