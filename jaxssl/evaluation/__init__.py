@@ -1,0 +1,1 @@
+"""Evaluations of a frozen encoder: kNN, representation metrics, label subsets."""
