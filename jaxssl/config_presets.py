@@ -66,8 +66,8 @@ def fashion_mnist_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   """The seconds-long test runs: 8 steps of `tiny_cnn` at 16 px.
 
   Global batch 32 on 2,048 train images, checkpoints every 4 steps (2 kept),
-  a 5-epoch linear probe on 1,024 / 512 images: every stage of a run, none
-  of its accuracy.
+  a 5-epoch linear probe and kNN on 1,024 / 512 images, health metrics on
+  256: every stage of a run, none of its accuracy.
 
   Args:
     c: `config_schema.defaults(method)`; changed in place.
@@ -82,6 +82,7 @@ def fashion_mnist_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   c.checkpoint_every_steps = 4
   c.keep_checkpoints = 2
   c.eval_after_training = True
+  c.pictures_after_training = False
 
   c.dataset.name = 'fashion_mnist'
   c.dataset.train_split = 'train[:2048]'
@@ -101,6 +102,7 @@ def fashion_mnist_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   c.linear_eval.batch_size = 256
   c.linear_eval.base_learning_rate = 0.1
   c.linear_eval.feature_batch_size = 256
+  c.health.num_samples = 256
   return c
 
 

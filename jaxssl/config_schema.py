@@ -40,6 +40,12 @@ def defaults(method: str = 'simclr') -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.eval_after_training = False  # linear evaluation at the end of `train`
+  # > 0: every this many steps, kNN and health metrics of the encoder on
+  # the eval splits (as --mode=eval's), logged; 0: off.
+  c.eval_every_steps = 0
+  # Write training_curves.png and knn_retrieval.png into the workdir at the
+  # end of `train` (any workdir: --mode=pictures).
+  c.pictures_after_training = True
   # Encoder ops, a runtime choice (not saved with exported encoders):
   # 'auto' = jaxssl.cpu_kernels on a 1-device CPU process, else XLA's ops;
   # 'cpu' | 'xla' force one (jaxssl.cpu_kernels.select_factories).
@@ -112,7 +118,11 @@ def defaults(method: str = 'simclr') -> ml_collections.ConfigDict:
   c.optim.warmup_start_lr = 0.0
   c.optim.final_lr = 0.0
 
+  # Linear evaluation: 'fast' (fixed centre-crop features) and/or 'paper'
+  # (SimCLR's: augmented crops through the frozen encoder every epoch);
+  # both use the keys below (docs/evaluation.md).
   c.linear_eval = ml_collections.ConfigDict()
+  c.linear_eval.protocols = ('fast',)
   c.linear_eval.num_epochs = 90
   c.linear_eval.batch_size = 1024
   c.linear_eval.base_learning_rate = 0.1
@@ -121,8 +131,43 @@ def defaults(method: str = 'simclr') -> ml_collections.ConfigDict:
   c.linear_eval.momentum = 0.9
   c.linear_eval.nesterov = True
   c.linear_eval.feature_batch_size = 1024
-  c.linear_eval.standardize = True  # per-dim mean/std of train features
+  c.linear_eval.standardize = True  # 'fast': per-dim mean/std of features
   c.linear_eval.random_init_baseline = True
+
+  # Weighted cosine kNN on frozen features (InstDisc, DINO `eval_knn.py`):
+  # votes exp(cos / T) from the k nearest train features.
+  c.knn_eval = ml_collections.ConfigDict()
+  c.knn_eval.enabled = True
+  c.knn_eval.ks = (20, 200)
+  c.knn_eval.temperature = 0.07
+  c.knn_eval.block_size = 4096  # train features per device scan step
+
+  # RankMe, alignment and uniformity (t = 2) of the first num_samples images
+  # of dataset.eval_test_split, at each evaluation.
+  c.health = ml_collections.ConfigDict()
+  c.health.enabled = True
+  c.health.num_samples = 4096
+
+  # A linear classifier trained during pretraining on stop-gradient encoder
+  # features and the batch labels (jaxssl.online_probe); its train top-1
+  # is logged as online_probe_top1.
+  c.online_probe = ml_collections.ConfigDict()
+  c.online_probe.enabled = True
+
+  # Fine-tuning the whole encoder on class-balanced fractions of
+  # dataset.eval_train_split's labels in --mode=eval (and after training);
+  # the random-init row is the same training from scratch. SimCLR v2's
+  # recipe: LARS, 0.005 · sqrt(B), no weight decay, no warmup.
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.fractions = ()  # e.g. (0.01, 0.1); () = off
+  c.finetune.num_epochs = 0  # 0: 60 below a 10% fraction, else 30
+  c.finetune.batch_size = 1024
+  c.finetune.optimizer = 'lars'  # 'lars' | 'nesterov'
+  c.finetune.base_learning_rate = 0.005
+  c.finetune.lr_scaling = 'sqrt'
+  c.finetune.weight_decay = 0.0
+  c.finetune.momentum = 0.9
+  c.finetune.subset_seed = 0  # which examples of each class are labelled
 
   c[method] = methods.get_method_class(method).default_config()
   return c
@@ -177,6 +222,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'head.output_dim={config.head.output_dim} positive')
   _validate_optim(config.optim, 'optim')
   _validate_linear_eval(config.linear_eval)
+  _validate_knn_eval(config.knn_eval)
+  _validate_finetune(config.finetune)
+  _require(config.eval_every_steps >= 0,
+           f'eval_every_steps={config.eval_every_steps} must be >= 0 (0: off)')
+  _require(config.health.num_samples >= 2,
+           f'health.num_samples={config.health.num_samples} must be >= 2 '
+           '(uniformity needs a pair)')
   methods.get_method_class(config.method).validate_config(config)
 
 
@@ -224,7 +276,46 @@ def _validate_optim(optim, prefix: str) -> None:
            f'{prefix}.warmup_epochs={optim.warmup_epochs} must be >= 0')
 
 
+def _validate_knn_eval(ke) -> None:
+  ks = tuple(ke.ks) if isinstance(ke.ks, (tuple, list)) else ()
+  _require(bool(ks) and all(isinstance(k, int) and not isinstance(k, bool)
+                            and k > 0 for k in ks),
+           f'knn_eval.ks={ke.ks!r} must be a non-empty tuple of positive '
+           'integers, e.g. (20, 200)')
+  _require(math.isfinite(ke.temperature) and ke.temperature > 0,
+           f'knn_eval.temperature={ke.temperature} must be a positive number')
+  _require(ke.block_size > 0,
+           f'knn_eval.block_size={ke.block_size} must be positive')
+
+
+def _validate_finetune(ft) -> None:
+  fractions = ft.fractions if isinstance(ft.fractions, (tuple, list)) else (
+      None,)
+  _require(all(isinstance(f, (int, float)) and not isinstance(f, bool)
+               and 0 < f <= 1 for f in fractions),
+           f'finetune.fractions={ft.fractions!r} must be a tuple of numbers '
+           'in (0, 1], e.g. (0.01, 0.1)')
+  _require(ft.num_epochs >= 0 and ft.batch_size > 0,
+           f'finetune.num_epochs={ft.num_epochs} must be >= 0 (0: SimCLR '
+           f"v2's) and finetune.batch_size={ft.batch_size} positive")
+  _require(math.isfinite(ft.base_learning_rate) and ft.base_learning_rate > 0,
+           f'finetune.base_learning_rate={ft.base_learning_rate} must be a '
+           'positive number')
+  _check_choice('finetune.optimizer', ft.optimizer, ('lars', 'nesterov'))
+  _check_choice('finetune.lr_scaling', ft.lr_scaling,
+                ('linear', 'sqrt', 'none'))
+  _require(ft.weight_decay >= 0 and 0 <= ft.momentum < 1,
+           f'finetune.weight_decay={ft.weight_decay} must be >= 0 and '
+           f'finetune.momentum={ft.momentum} in [0, 1)')
+
+
 def _validate_linear_eval(le) -> None:
+  protocols = le.protocols if isinstance(le.protocols, (tuple, list)) else (
+      le.protocols,)
+  _require(bool(protocols) and all(p in ('fast', 'paper') for p in protocols)
+           and len(set(protocols)) == len(protocols),
+           f'linear_eval.protocols={le.protocols!r} must be a non-empty tuple '
+           "of distinct protocols from 'fast', 'paper'")
   _require(le.num_epochs > 0 and le.batch_size > 0
            and le.feature_batch_size > 0,
            f'linear_eval.num_epochs={le.num_epochs}, batch_size='

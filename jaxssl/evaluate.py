@@ -1,45 +1,30 @@
-"""Linear evaluation of a frozen encoder, with a random-init baseline.
+"""`--mode=eval`: the evaluations of a frozen encoder, with a random-init
+baseline.
 
-Protocol (SimCLR's linear eval, sized for small data; docs/evaluation.md):
-- the encoder is frozen and runs with BatchNorm in inference mode;
-- features of the centre-cropped images (no colour augmentation) are
-  extracted once for `dataset.eval_train_split` and `dataset.eval_test_split`;
-- optionally standardised with the train features' per-dimension mean and
-  std (a fixed affine map, so the classifier family is unchanged; it only
-  conditions the optimisation);
-- a zero-initialised linear classifier is trained with Nesterov SGD
-  (momentum 0.9), a cosine schedule from `base_learning_rate · B/256` to 0,
-  and L2 weight decay on the kernel;
-- top-1 and top-5 are reported on the test split.
-The same protocol applied to the same architecture at random init is the
-baseline printed beside it.
-
-Differences from the official protocol: SimCLR trains the classifier on
-augmented crops (random crop + flip) for 90 epochs; here features are fixed
-(no augmentation), which is what makes a CPU evaluation take seconds.
+The encoder comes from an export or a training workdir (`load_encoder`);
+`jaxssl.evaluation.suite` measures it (the linear probe, labelled with its
+protocol, kNN and health metrics), and the same measurements of the same
+architecture at random init are printed beside it (docs/evaluation.md).
 """
 
 import functools
 import json
-from typing import Any, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
 from etils import epath
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from jaxssl import checkpoint
 from jaxssl import cpu_kernels
 from jaxssl import datasets
 from jaxssl import encoder_export
-from jaxssl import input_pipeline
 from jaxssl import models
 from jaxssl import parallel
+from jaxssl.evaluation import suite
 
 PyTree = Any
 
@@ -130,133 +115,10 @@ def random_encoder_variables(encoder: nn.Module, spec: dict[str, Any],
           'batch_stats': variables.get('batch_stats', {})}
 
 
-def extract_features(encoder: nn.Module, variables: PyTree,
-                     batches: Iterator[dict[str, np.ndarray]], mesh: Mesh
-                     ) -> tuple[np.ndarray, np.ndarray]:
-  """Frozen-encoder features of every (unpadded) example, on every process.
-
-  Args:
-    encoder: the backbone; run with `train=False`.
-    variables: its `{'params', 'batch_stats'}`.
-    batches: this process's `{'image', 'label', 'mask'}` batches.
-    mesh: the batch is sharded over its `'data'` axis.
-
-  Returns:
-    `(features [N, feature_dim] float32, labels [N] int32)`, global.
-  """
-  sharding = parallel.batch_sharding(mesh)
-  apply = jax.jit(lambda v, x: encoder.apply(v, x, train=False))
-  features, labels = [], []
-  for local in batches:
-    batch = jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, x), local)
-    feats = apply(variables, batch['image'])
-    gathered = multihost_utils.process_allgather(
-        {'f': feats, 'y': batch['label'], 'm': batch['mask']}, tiled=True)
-    keep = np.asarray(gathered['m'], bool)
-    features.append(np.asarray(gathered['f'], np.float32)[keep])
-    labels.append(np.asarray(gathered['y'], np.int32)[keep])
-  return np.concatenate(features), np.concatenate(labels)
-
-
-def train_linear_classifier(train_x: np.ndarray, train_y: np.ndarray,
-                            num_classes: int,
-                            le: ml_collections.ConfigDict, seed: int
-                            ) -> PyTree:
-  """Fits the linear probe with the protocol in the module docstring.
-
-  Args:
-    train_x: `[N, D]` features (already standardised if requested).
-    train_y: `[N]` integer labels.
-    num_classes: classifier width.
-    le: `config.linear_eval`.
-    seed: shuffling seed.
-
-  Returns:
-    `{'kernel': [D, num_classes], 'bias': [num_classes]}`.
-  """
-  n, dim = train_x.shape
-  batch_size = min(le.batch_size, n)
-  steps_per_epoch = n // batch_size
-  total_steps = steps_per_epoch * le.num_epochs
-  scale = {'linear': batch_size / 256, 'sqrt': batch_size ** 0.5,
-           'none': 1.0}[le.lr_scaling]
-  schedule = optax.cosine_decay_schedule(le.base_learning_rate * scale,
-                                         total_steps)
-  tx = optax.chain(
-      optax.add_decayed_weights(
-          le.weight_decay, mask={'kernel': True, 'bias': False}),
-      optax.sgd(schedule, momentum=le.momentum, nesterov=le.nesterov))
-  params = {'kernel': jnp.zeros((dim, num_classes), jnp.float32),
-            'bias': jnp.zeros((num_classes,), jnp.float32)}
-  xs, ys = jnp.asarray(train_x), jnp.asarray(train_y)
-
-  def loss_fn(p, x, y):
-    logits = x @ p['kernel'] + p['bias']
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  @jax.jit
-  def run_epoch(carry, key):
-    order = jax.random.permutation(key, n)[:steps_per_epoch * batch_size]
-
-    def sgd_step(carry, idx):
-      p, opt_state = carry
-      grads = jax.grad(loss_fn)(p, xs[idx], ys[idx])
-      updates, opt_state = tx.update(grads, opt_state, p)
-      return (optax.apply_updates(p, updates), opt_state), None
-
-    carry, _ = jax.lax.scan(sgd_step, carry,
-                            order.reshape(steps_per_epoch, batch_size))
-    return carry
-
-  carry = (params, tx.init(params))
-  key = jax.random.key(seed)
-  for epoch in range(le.num_epochs):
-    carry = run_epoch(carry, jax.random.fold_in(key, epoch))
-  return carry[0]
-
-
-def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-  """Fraction of rows whose label is among the k largest logits."""
-  k = min(k, logits.shape[1])
-  top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-  return float(np.mean(np.any(top == labels[:, None], axis=1)))
-
-
-def linear_probe(config: ml_collections.ConfigDict, encoder: nn.Module,
-                 variables: PyTree, mesh: Mesh) -> dict[str, float]:
-  """Extracts features and fits/evaluates the linear probe.
-
-  Returns:
-    `{'top1', 'top5', 'num_train', 'num_test', 'feature_dim'}`.
-  """
-  info = datasets.dataset_info(config.dataset)
-  le = config.linear_eval
-  per_process = le.feature_batch_size // jax.process_count()
-
-  def features(split):
-    batches = input_pipeline.eval_batches(
-        config, split, batch_size=per_process,
-        process_index=jax.process_index(),
-        process_count=jax.process_count())
-    return extract_features(encoder, variables, batches, mesh)
-
-  train_x, train_y = features(config.dataset.eval_train_split)
-  test_x, test_y = features(config.dataset.eval_test_split)
-  if le.standardize:
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-  params = train_linear_classifier(train_x, train_y, info.num_classes, le,
-                                   config.seed)
-  logits = test_x @ np.asarray(params['kernel']) + np.asarray(params['bias'])
-  return {'top1': topk_accuracy(logits, test_y, 1),
-          'top5': topk_accuracy(logits, test_y, 5),
-          'num_train': int(len(train_y)), 'num_test': int(len(test_y)),
-          'feature_dim': int(train_x.shape[1])}
-
-
 def check_eval_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-  """Raises ValueError before any compile for unusable eval settings."""
+  """Raises ValueError before any compile (and before any pretraining) for
+  evaluation settings that cannot work: batch sizes, missing splits, kNN's
+  k against the train split."""
   devices = mesh.devices.size
   size = config.linear_eval.feature_batch_size
   if size % devices or size % jax.process_count():
@@ -264,20 +126,35 @@ def check_eval_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         f'linear_eval.feature_batch_size={size} must be divisible by the '
         f'device count {devices} and the process count '
         f'{jax.process_count()}')
+  builder = datasets.get_builder(config.dataset)
+  sizes = {}
+  for key in ('eval_train_split', 'eval_test_split'):
+    try:
+      sizes[key] = datasets.split_num_examples(builder, config.dataset[key])
+    except ValueError as e:
+      raise ValueError(f'dataset.{key}: {e}') from None
+  train = sizes['eval_train_split']
+  if config.knn_eval.enabled and max(config.knn_eval.ks) > train:
+    raise ValueError(
+        f'knn_eval.ks={tuple(config.knn_eval.ks)} has a k above the '
+        f'{train} images of dataset.eval_train_split='
+        f"'{config.dataset.eval_train_split}'; use ks <= {train}")
 
 
 def run(config: ml_collections.ConfigDict, source: str, mesh: Mesh,
         results_path: str | None = None) -> dict[str, Any]:
-  """Linear evaluation of `source` and, if configured, the random baseline.
+  """Evaluates `source` and, if configured, the random-init baseline.
 
   Args:
-    config: the run config (dataset and `linear_eval` protocol).
+    config: the run config (dataset, linear_eval, knn_eval, health).
     source: exported-encoder directory or training workdir.
     mesh: device mesh for feature extraction.
     results_path: where process 0 writes the results as JSON (optional).
 
   Returns:
-    `{'encoder': {...}, 'random_init': {...} or None, 'spec': {...}}`.
+    `{'encoder': {...}, 'random_init': {...} or None, 'spec': {...},
+    'dataset': name, 'settings': {...}}`, each encoder's entry as
+    `jaxssl.evaluation.suite.evaluate_encoder` returns it.
   """
   check_eval_config(config, mesh)
   spec, encoder, variables = load_encoder(source, mesh,
@@ -287,12 +164,16 @@ def run(config: ml_collections.ConfigDict, source: str, mesh: Mesh,
         f'the encoder was trained at image_size={spec["image_size"]} but '
         f'dataset.image_size={config.dataset.image_size}; evaluate at the '
         'training size')
+  num_classes = datasets.dataset_info(config.dataset).num_classes
+  measure = functools.partial(suite.evaluate_encoder, config, encoder,
+                              mesh=mesh, num_classes=num_classes)
   results = {'spec': spec, 'dataset': config.dataset.name,
-             'encoder': linear_probe(config, encoder, variables, mesh),
-             'random_init': None}
+             'settings': {'knn_temperature': config.knn_eval.temperature,
+                          'health_num_samples': config.health.num_samples},
+             'encoder': measure(variables), 'random_init': None}
   if config.linear_eval.random_init_baseline:
-    baseline = random_encoder_variables(encoder, spec, config.seed, mesh)
-    results['random_init'] = linear_probe(config, encoder, baseline, mesh)
+    results['random_init'] = measure(
+        random_encoder_variables(encoder, spec, config.seed, mesh))
   if jax.process_index() == 0:
     print(format_results(results), flush=True)
     if results_path:
@@ -300,16 +181,59 @@ def run(config: ml_collections.ConfigDict, source: str, mesh: Mesh,
   return results
 
 
+def _columns(enc: dict[str, Any]) -> list[tuple[str, Any]]:
+  """`(title, entry -> cell text)` of every measurement in `enc`."""
+  percent = lambda x: f'{100 * x:.2f}%'
+  columns = []
+  for protocol in enc['linear']:
+    columns += [(f'linear-{protocol}',
+                 lambda r, p=protocol: percent(r['linear'][p]['top1'])),
+                ('top-5', lambda r, p=protocol: percent(r['linear'][p]['top5']))]
+  for name in enc['knn'] or {}:
+    columns.append((f'kNN-{name[1:]}',
+                    lambda r, n=name: percent(r['knn'][n]['top1'])))
+  if enc['health']:
+    columns += [('RankMe', lambda r: f'{r["health"]["rankme"]:.1f}'),
+                ('align', lambda r: f'{r["health"]["alignment"]:.3f}'),
+                ('uniform', lambda r: f'{r["health"]["uniformity"]:.3f}')]
+  for fraction in enc.get('finetune') or {}:
+    columns.append((f'FT-{100 * float(fraction):g}%',
+                    lambda r, f=fraction: percent(r['finetune'][f]['top1'])))
+  return columns
+
+
+def _notes(results: dict[str, Any]) -> str:
+  """One line saying what each kind of column measured."""
+  enc, settings = results['encoder'], results.get('settings', {})
+  notes = [f'linear-{", linear-".join(enc["linear"])}: top-1 and top-5 of '
+           'those linear protocols (docs/evaluation.md)']
+  if enc['knn']:
+    notes.append(f'kNN-k: top-1 of cosine kNN, votes exp(cos / '
+                 f'{settings.get("knn_temperature", "T")})')
+  if enc['health']:
+    notes.append(f'RankMe, alignment, uniformity (t = 2): the first '
+                 f'{settings.get("health_num_samples", "N")} test images')
+  if enc.get('finetune'):
+    notes.append('FT-x%: top-1 after fine-tuning every layer on x% of the '
+                 'train labels (the random-init row: the same training from '
+                 'scratch)')
+  return '; '.join(notes)
+
+
 def format_results(results: dict[str, Any]) -> str:
-  """A small table: one row per encoder, top-1 and top-5 in percent."""
+  """A small table, one row per encoder, and what each column measured."""
   enc = results['encoder']
-  lines = [f'linear eval on {results["dataset"]}: {enc["num_train"]} train / '
-           f'{enc["num_test"]} test images, {enc["feature_dim"]}-d features',
-           f'{"encoder":<28}{"top-1":>8}{"top-5":>8}']
+  columns = _columns(enc)
   rows = [(f'{results["spec"]["method"]} (step {results["spec"]["step"]})',
            enc)]
   if results['random_init']:
     rows.append(('random init (baseline)', results['random_init']))
+  widths = [max(len(title), 7) + 2 for title, _ in columns]
+  lines = [f'evaluation on {results["dataset"]}: {enc["num_train"]} train / '
+           f'{enc["num_test"]} test images, {enc["feature_dim"]}-d features',
+           f'{"encoder":<26}' + ''.join(
+               f'{title:>{w}}' for (title, _), w in zip(columns, widths))]
   for name, r in rows:
-    lines.append(f'{name:<28}{100 * r["top1"]:>7.2f}%{100 * r["top5"]:>7.2f}%')
-  return '\n'.join(lines)
+    lines.append(f'{name:<26}' + ''.join(
+        f'{cell(r):>{w}}' for (_, cell), w in zip(columns, widths)))
+  return '\n'.join(lines + [_notes(results)])

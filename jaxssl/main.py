@@ -5,6 +5,7 @@
   python -m jaxssl.main --mode=eval --config=... --workdir=RUN [--source=DIR]
   python -m jaxssl.main --mode=export --config=... --workdir=RUN
   python -m jaxssl.main --mode=preview --config=... --out=views.png
+  python -m jaxssl.main --mode=pictures --config=... --workdir=RUN
 
 The console scripts `jaxssl-pretrain`, `jaxssl-eval` and `jaxssl-export` are
 the same program with the mode fixed.
@@ -25,15 +26,17 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file in configs/.', lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Run directory (local or gs://): checkpoints, '
-    'TensorBoard events, export/ and linear_eval.json.')
+    'TensorBoard events, export/ and evaluation.json.')
 _MODE = flags.DEFINE_enum(
-    'mode', 'train', ['train', 'eval', 'export', 'preview'],
+    'mode', 'train', ['train', 'eval', 'export', 'preview', 'pictures'],
     'train: pretrain (auto-resumes), export, and evaluate if the config says '
-    'so; eval: linear evaluation of --source; export: write the encoder of '
-    'the latest checkpoint to <workdir>/export; preview: PNG grid of views.')
+    'so; eval: linear probe, kNN and health metrics of --source; export: '
+    'write the encoder of the latest checkpoint to <workdir>/export; '
+    'preview: PNG grid of views; pictures: training curves and kNN '
+    'retrieval grid of --source into --workdir.')
 _SOURCE = flags.DEFINE_string(
-    'source', None, 'eval: an exported encoder or a training workdir '
-    '(default: --workdir).')
+    'source', None, 'eval, pictures: an exported encoder or a training '
+    'workdir (default: --workdir).')
 _OUT = flags.DEFINE_string('out', 'views.png', 'preview: output PNG path.')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0, for multi-process '
@@ -107,7 +110,7 @@ def _run_mode(mode: str) -> None:
     return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
-  if mode in ('train', 'export'):
+  if mode in ('train', 'export', 'pictures'):
     command_line.check_writable_directory('workdir', _WORKDIR.value)
   from jaxssl import distributed, evaluate, parallel, train  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize_distributed(
@@ -121,6 +124,15 @@ def _run_mode(mode: str) -> None:
                  parallel.make_mesh())
   elif mode == 'export':
     train.export_latest(_WORKDIR.value)
+  elif mode == 'pictures':
+    from jaxssl.evaluation import retrieval  # pylint: disable=g-import-not-at-top
+    mesh = parallel.make_mesh()
+    spec, encoder, variables = evaluate.load_encoder(
+        _SOURCE.value or _WORKDIR.value, mesh, kernels=config.kernels)
+    for path in retrieval.write_pictures(
+        config, _WORKDIR.value, encoder, variables, mesh,
+        title=f'{spec["method"]} (step {spec["step"]})'):
+      print(f'wrote {path}', flush=True)
 
 
 def _parse_flags(argv):

@@ -275,3 +275,26 @@ def make_optimizer(optim_config,
   return optax.multi_transform({'scheduled': build(cfg, schedule, include),
                                 'fixed': build(cfg, fixed_lr, include)},
                                labels)
+
+
+def make_excluded_optimizer(optim_config, schedule: optax.ScalarOrSchedule
+                            ) -> optax.GradientTransformation:
+  """The recipe's optimizer with every leaf excluded from weight decay and
+  trust-ratio adaptation.
+
+  What SimCLR's LARS does to its supervised head (`head_supervised`,
+  excluded by name from both): momentum SGD at the scheduled learning rate,
+  with the learning rate where the recipe's variant puts it (inside the
+  momentum buffer for 'simclr', after it otherwise).
+
+  Args:
+    optim_config: `config.optim`.
+    schedule: the learning rate of the run.
+
+  References:
+    google-research/simclr `tf2/lars_optimizer.py` (`exclude_from_weight_
+    decay`, `exclude_from_layer_adaptation`).
+  """
+  build = _lookup(OPTIMIZERS, optim_config.name, 'optimizer')
+  return build(optim_config, schedule,
+               lambda tree: jax.tree.map(lambda _: False, tree))

@@ -94,10 +94,20 @@ class Reporter:
     parts = [f'step {step}/{self._total}', f'loss {metrics["loss"]:.4f}']
     if 'contrast_acc' in metrics:
       parts.append(f'acc {metrics["contrast_acc"]:.3f}')
+    if 'online_probe_top1' in metrics:
+      parts.append(f'probe {metrics["online_probe_top1"]:.3f}')
     parts += [f'lr {metrics["learning_rate"]:.4g}',
               f'{metrics["images_per_sec"]:.0f} img/s',
               f'ETA {format_duration(eta) if math.isfinite(eta) else "?"}']
     return ' | '.join(parts)
+
+  def write_monitors(self, step: int, metrics: dict[str, float]) -> None:
+    """Writes the periodic kNN and health metrics and prints them."""
+    self._writer.write_scalars(step, metrics)
+    if jax.process_index() == 0:
+      parts = [f'{name} {value:.4g}' for name, value in sorted(metrics.items())]
+      print(f'monitors at step {step}: ' + ' | '.join(parts), flush=True)
+    self._last_time = time.perf_counter()  # not counted as training time
 
   def write_hparams(self, hparams: dict[str, Any]) -> None:
     self._writer.write_hparams(hparams)

@@ -3,7 +3,8 @@
 A checkpoint records the values that fix which images each step sees and
 which learning rate it uses: the seed (per-step keys, shuffling), the method,
 the global batch size, the dataset and its split, the number of input shards
-and the total number of steps (the schedule's length). A restart whose config
+and the total number of steps (the schedule's length); and whether the state
+holds an online probe. A restart whose config
 gives any of them another value would continue a different run from the
 saved state without a word, so it is refused with one line, unless the user
 passes `--allow_config_change` (then it resumes and says what changed).
@@ -39,6 +40,8 @@ def resume_keys(config: ml_collections.ConfigDict, *, total_steps: int,
       'dataset.train_split': config.dataset.train_split,
       'dataset.num_shards': config.dataset.num_shards or process_count,
       'total_steps': total_steps,
+      # The probe's state is part of the checkpoint, or not.
+      'online_probe.enabled': config.online_probe.enabled,
   }
 
 

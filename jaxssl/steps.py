@@ -1,8 +1,8 @@
 """Pure step factories. `jaxssl.train` jits them, in one place.
 
 The train state is one pytree, and all of it is checkpointed: step, params,
-BatchNorm statistics, optimizer state, the base PRNG key and the method's
-extra state (EMA targets, queues).
+BatchNorm statistics, optimizer state, the base PRNG key, the method's
+extra state (EMA targets, queues) and the online probe's state.
 """
 
 from typing import Any, Callable
@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxssl import online_probe
 from jaxssl.augment import device
 from jaxssl.methods import base
 
@@ -19,6 +20,8 @@ PyTree = Any
 # fold_in constant of the device augmentation's key, apart from the key the
 # method's loss_fn receives (which stays what it is without it).
 AUGMENT_STREAM = 0x617567  # 'aug'
+# fold_in constant of the online probe's init key, apart from the method's.
+PROBE_STREAM = 0x70726f  # 'pro'
 
 
 @flax.struct.dataclass
@@ -33,6 +36,8 @@ class TrainState:
     rng: uint32 `[2]` raw key data of the base key (`jax.random.key_data`),
       kept raw so that checkpoints hold plain arrays.
     extra: the method's extra state (`{}` for SimCLR).
+    probe: the online probe's `{'params', 'opt_state'}`
+      (`jaxssl.online_probe`), or `{}` without one.
   """
   step: jax.Array
   params: PyTree
@@ -40,41 +45,53 @@ class TrainState:
   opt_state: PyTree
   rng: jax.Array
   extra: PyTree
+  probe: PyTree
 
 
 def make_init_fn(method: base.Method, optimizer: optax.GradientTransformation,
-                 seed: int) -> Callable[[], TrainState]:
-  """Returns `() -> TrainState` at step 0; identical on every process."""
+                 seed: int, probe: online_probe.OnlineProbe | None = None
+                 ) -> Callable[[], TrainState]:
+  """Returns `() -> TrainState` at step 0; identical on every process.
+
+  The probe's key is folded from the seed's key apart from the method's, so
+  the method starts the same with or without a probe.
+  """
 
   def init() -> TrainState:
     key = jax.random.key(seed)
     init_key, base_key = jax.random.split(key)
     params, batch_stats, extra = method.init(init_key)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=batch_stats,
-                      opt_state=optimizer.init(params),
-                      rng=jax.random.key_data(base_key), extra=extra)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+        opt_state=optimizer.init(params), rng=jax.random.key_data(base_key),
+        extra=extra,
+        probe={} if probe is None else probe.init(
+            jax.random.fold_in(key, PROBE_STREAM)))
 
   return init
 
 
 def make_train_step(method: base.Method,
                     optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule):
+                    schedule: optax.Schedule,
+                    probe: online_probe.OnlineProbe | None = None):
   """Returns the pure `(state, batch) -> (state, metrics)` update.
 
   Args:
     method: the pretraining method (loss, extra state, post-update rule).
     optimizer: the optax transformation built for `schedule`.
     schedule: the learning-rate schedule, for the `learning_rate` metric.
+    probe: the online probe, trained on the method's `Aux.features` and
+      the batch's `label` after the method's own gradient is taken; None:
+      no probe.
 
   The per-step key is `fold_in(base_key, step)`, so a resumed run uses the
   keys an uninterrupted run would. The batch's views are the host's crops;
   their colour, grayscale, blur and solarize steps run here, before the
   loss, keyed by `fold_in(step key, AUGMENT_STREAM)`
   (`augment.device.finish_views`). The method sees only the batch entries
-  it declares (`method.batch_keys()`). Metrics are replicated float32
-  scalars.
+  it declares (`method.batch_keys()`); the labels reach the probe only.
+  Metrics are replicated float32 scalars.
   """
 
   def train_step(state: TrainState, batch: dict[str, Any]):
@@ -82,6 +99,7 @@ def make_train_step(method: base.Method,
     batch = dict(batch, views=device.finish_views(
         batch['views'], jax.random.fold_in(rng, AUGMENT_STREAM),
         method.config.augment))
+    labels = batch.get('label')
     batch = {key: batch[key] for key in method.batch_keys()}
 
     def loss_fn(params):
@@ -97,6 +115,11 @@ def make_train_step(method: base.Method,
     params = optax.apply_updates(state.params, updates)
     step = state.step + 1
     params, extra = method.post_update(params, extra, step)
+    probe_state = state.probe
+    if probe is not None:
+      probe_state, probe_metrics = probe.step(state.probe, aux.features,
+                                              labels)
+      metrics = dict(metrics, **probe_metrics)
     metrics = dict(metrics, loss=loss,
                    learning_rate=schedule(state.step),
                    grad_norm=optax.tree.norm(grads),
@@ -105,7 +128,7 @@ def make_train_step(method: base.Method,
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     new_state = state.replace(step=step, params=params,
                               batch_stats=batch_stats, opt_state=opt_state,
-                              extra=extra)
+                              extra=extra, probe=probe_state)
     return new_state, metrics
 
   return train_step

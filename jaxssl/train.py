@@ -23,6 +23,7 @@ from jaxssl import evaluate
 from jaxssl import input_pipeline
 from jaxssl import methods
 from jaxssl import models
+from jaxssl import online_probe
 from jaxssl import optim
 from jaxssl import parallel
 from jaxssl import preemption
@@ -30,6 +31,8 @@ from jaxssl import reporting
 from jaxssl import runtime
 from jaxssl import resume_guard
 from jaxssl import steps
+from jaxssl.evaluation import retrieval
+from jaxssl.evaluation import suite
 
 @dataclasses.dataclass
 class Setup:
@@ -100,12 +103,17 @@ def setup(config: ml_collections.ConfigDict,
       config.optim, schedule, fixed_lr_mask=method.fixed_lr_mask,
       fixed_lr=optim.peak_learning_rate(config.optim,
                                         config.global_batch_size))
+  probe = None
+  if config.online_probe.enabled:
+    probe = online_probe.OnlineProbe(
+        config, feature_dim=models.feature_dim(config.model),
+        num_classes=info.num_classes, schedule=schedule)
   replicated = parallel.replicated(mesh)
-  init_fn = jax.jit(steps.make_init_fn(method, optimizer, config.seed),
+  init_fn = jax.jit(steps.make_init_fn(method, optimizer, config.seed, probe),
                     out_shardings=replicated)
-  train_step = jax.jit(steps.make_train_step(method, optimizer, schedule),
-                       donate_argnames='state',
-                       out_shardings=(replicated, replicated))
+  train_step = jax.jit(
+      steps.make_train_step(method, optimizer, schedule, probe),
+      donate_argnames='state', out_shardings=(replicated, replicated))
   return Setup(config, mesh, info, method, steps_per_epoch, total_steps,
                init_fn, train_step, resolved_values(config, method, run_info),
                factories)
@@ -277,6 +285,11 @@ def train(s: Setup, workdir: str, *, allow_config_change: bool = False):
         last = step == s.total_steps or stopping
         if step % config.log_every_steps == 0 or last:
           reporter.write(step)
+        if config.eval_every_steps and step % config.eval_every_steps == 0:
+          reporter.write_monitors(step, suite.monitors(
+              config, s.method.encoder,
+              s.method.encoder_variables(state.params, state.batch_stats),
+              s.mesh, s.info.num_classes))
         if step % config.checkpoint_every_steps == 0 or last:
           reporter.check_finite(step)
           ckpt.save(step, state, meta)
@@ -303,16 +316,6 @@ def export(s: Setup, state, destination: str) -> str:
   return destination
 
 
-def _check_eval_splits(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError before pretraining if an evaluation split is missing."""
-  builder = datasets.get_builder(config.dataset)
-  for key in ('eval_train_split', 'eval_test_split'):
-    try:
-      datasets.split_num_examples(builder, config.dataset[key])
-    except ValueError as e:
-      raise ValueError(f'dataset.{key}: {e}') from None
-
-
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         allow_config_change: bool = False) -> dict[str, Any]:
   """Pretrains, exports the encoder and, if configured, evaluates it.
@@ -320,12 +323,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   `allow_config_change`: see `train`.
 
   Returns:
-    `{'step': final step, 'eval': linear-eval results or None}`.
+    `{'step': final step, 'eval': `evaluate.run`'s results or None}`.
   """
   s = setup(config)
-  if config.eval_after_training:
+  if config.eval_after_training or config.eval_every_steps:
     evaluate.check_eval_config(config, s.mesh)
-    _check_eval_splits(config)
   state = train(s, workdir, allow_config_change=allow_config_change)
   destination = str(epath.Path(workdir) / encoder_export.EXPORT_SUBDIR)
   export(s, state, destination)
@@ -333,7 +335,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   if config.eval_after_training:
     results = evaluate.run(config, destination, s.mesh,
                            results_path=str(epath.Path(workdir)
-                                            / 'linear_eval.json'))
+                                            / 'evaluation.json'))
+  if config.pictures_after_training:
+    step = int(np.asarray(state.step))
+    retrieval.write_pictures(
+        config, workdir, s.method.encoder,
+        s.method.encoder_variables(state.params, state.batch_stats), s.mesh,
+        title=f'{config.method} (step {step})')
   return {'step': int(np.asarray(state.step)), 'eval': results}
 
 

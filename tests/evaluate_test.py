@@ -1,4 +1,4 @@
-"""Linear-probe pieces: top-k, the classifier fit, encoder specs and loading."""
+"""`--mode=eval`'s own pieces: encoder specs and loading, checks, the table."""
 
 import jax
 import numpy as np
@@ -8,36 +8,6 @@ from helpers import load_config
 from jaxssl import encoder_export
 from jaxssl import evaluate
 from jaxssl import parallel
-
-
-@pytest.mark.parametrize('k, expected', [(1, 0.25), (2, 0.75), (3, 1.0)])
-def test_topk_accuracy(k, expected):
-  logits = np.array([[3., 2., 1.], [1., 3., 2.], [3., 1., 2.], [1., 2., 3.]])
-  labels = np.array([0, 2, 1, 1])  # ranks of the labels: 1, 2, 3, 2
-  assert evaluate.topk_accuracy(logits, labels, k) == expected
-
-
-def test_linear_classifier_separates_separable_data():
-  rng = np.random.RandomState(0)
-  centers = rng.normal(size=(4, 8)) * 4
-  labels = rng.randint(0, 4, size=2000)
-  x = (centers[labels] + rng.normal(size=(2000, 8))).astype(np.float32)
-  le = load_config('simclr_tiny').linear_eval
-  params = evaluate.train_linear_classifier(x[:1500], labels[:1500], 4, le,
-                                            seed=0)
-  logits = x[1500:] @ np.asarray(params['kernel']) + np.asarray(
-      params['bias'])
-  assert evaluate.topk_accuracy(logits, labels[1500:], 1) > 0.97
-
-
-def test_classifier_fit_is_deterministic():
-  rng = np.random.RandomState(1)
-  x = rng.normal(size=(300, 5)).astype(np.float32)
-  y = rng.randint(0, 3, size=300)
-  le = load_config('simclr_tiny').linear_eval
-  a = evaluate.train_linear_classifier(x, y, 3, le, seed=7)
-  b = evaluate.train_linear_classifier(x, y, 3, le, seed=7)
-  jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
 def test_export_round_trip_and_spec(tmp_path, mesh8):
@@ -107,14 +77,71 @@ def test_feature_batch_must_divide_devices(mesh8):
     evaluate.check_eval_config(config, mesh8)
 
 
+def _entry(linear_top1, knn_top1):
+  return {'num_train': 60000, 'num_test': 10000, 'feature_dim': 128,
+          'linear': {'fast': {'top1': linear_top1, 'top5': 0.9971}},
+          'knn': {'k20': {'top1': knn_top1, 'top5': 0.99},
+                  'k200': {'top1': knn_top1 - 0.01, 'top5': 0.99}},
+          'health': {'rankme': 45.25, 'alignment': 0.5123,
+                     'uniformity': -3.1049},
+          'finetune': None}
+
+
 def test_format_results_table():
-  r = {'top1': 0.8812, 'top5': 0.9971, 'num_train': 60000, 'num_test': 10000,
-       'feature_dim': 128}
   table = evaluate.format_results({
-      'dataset': 'fashion_mnist', 'encoder': r,
-      'random_init': dict(r, top1=0.8433),
-      'spec': {'method': 'simclr', 'step': 700}})
+      'dataset': 'fashion_mnist', 'encoder': _entry(0.8812, 0.8544),
+      'random_init': _entry(0.8433, 0.7911),
+      'spec': {'method': 'simclr', 'step': 700},
+      'settings': {'knn_temperature': 0.07, 'health_num_samples': 4096}})
   lines = table.splitlines()
-  assert lines[0].startswith('linear eval on fashion_mnist: 60000 train')
-  assert '88.12%' in lines[2] and 'simclr (step 700)' in lines[2]
-  assert '84.33%' in lines[3] and 'random init' in lines[3]
+  assert lines[0].startswith('evaluation on fashion_mnist: 60000 train')
+  assert lines[1].split() == ['encoder', 'linear-fast', 'top-5', 'kNN-20',
+                              'kNN-200', 'RankMe', 'align', 'uniform']
+  assert lines[2].split()[:3] == ['simclr', '(step', '700)']
+  assert lines[2].split()[3:] == ['88.12%', '99.71%', '85.44%', '84.44%',
+                                  '45.2', '0.512', '-3.105']
+  assert 'random init' in lines[3] and '84.33%' in lines[3]
+  assert '79.11%' in lines[3]
+  assert lines[4] == (
+      'linear-fast: top-1 and top-5 of those linear protocols '
+      '(docs/evaluation.md); kNN-k: top-1 of cosine kNN, votes exp(cos / '
+      '0.07); RankMe, alignment, uniformity (t = 2): the first 4096 test '
+      'images')
+
+
+def test_format_results_with_both_protocols_and_fine_tuning():
+  entry = dict(_entry(0.8812, 0.8544), knn=None, health=None)
+  entry['linear']['paper'] = {'top1': 0.871, 'top5': 0.99}
+  entry['finetune'] = {'0.01': {'top1': 0.7512}, '0.1': {'top1': 0.8321}}
+  scratch = dict(entry, finetune={'0.01': {'top1': 0.6011},
+                                  '0.1': {'top1': 0.7922}})
+  table = evaluate.format_results({
+      'dataset': 'd', 'encoder': entry, 'random_init': scratch,
+      'spec': {'method': 'simclr', 'step': 5}})
+  lines = table.splitlines()
+  assert lines[1].split() == ['encoder', 'linear-fast', 'top-5',
+                              'linear-paper', 'top-5', 'FT-1%', 'FT-10%']
+  assert lines[2].split()[-4:] == ['87.10%', '99.00%', '75.12%', '83.21%']
+  assert lines[3].split()[-2:] == ['60.11%', '79.22%']
+  assert lines[4].startswith('linear-fast, linear-paper: top-1 and top-5')
+  assert lines[4].endswith('FT-x%: top-1 after fine-tuning every layer on '
+                           'x% of the train labels (the random-init row: '
+                           'the same training from scratch)')
+
+
+def test_format_results_without_knn_or_health():
+  entry = dict(_entry(0.5, 0.5), knn=None, health=None)
+  table = evaluate.format_results({
+      'dataset': 'd', 'encoder': entry, 'random_init': None,
+      'spec': {'method': 'byol', 'step': 1}})
+  assert table.splitlines()[1].split() == ['encoder', 'linear-fast', 'top-5']
+  assert len(table.splitlines()) == 4
+
+
+def test_knn_k_above_the_train_split_is_refused_before_compiling(
+    mesh8, fashion_mnist_dir):
+  config = load_config('simclr_tiny', **{'knn_eval.ks': (20, 2000),
+                                         'dataset.data_dir': fashion_mnist_dir})
+  with pytest.raises(ValueError, match=r'knn_eval.ks=\(20, 2000\) has a k '
+                     r'above the 1024 images of dataset.eval_train_split'):
+    evaluate.check_eval_config(config, mesh8)

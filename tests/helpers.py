@@ -64,13 +64,25 @@ def resume_after_losing_the_newest(config, workdir: str) -> None:
 
 
 def assert_exported_and_evaluated(workdir: str, result: dict) -> None:
-  """`train.run`'s result after 8 steps: an export and both probes."""
+  """`train.run`'s result after 8 steps: an export and its evaluation."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   assert result['step'] == 8
   enc, rand = result['eval']['encoder'], result['eval']['random_init']
   for r in (enc, rand):
-    assert 0.0 < r['top1'] <= r['top5'] <= 1.0
+    assert_evaluation(r)
   assert (epath.Path(workdir) / 'export' / 'spec').exists()
+
+
+def assert_evaluation(r: dict) -> None:
+  """One encoder's `evaluate.run` entry holds every evaluation, in range."""
+  assert list(r['linear']) == ['fast']
+  accuracies = [r['linear']['fast']] + list(r['knn'].values())
+  for a in accuracies:
+    assert 0.0 < a['top1'] <= a['top5'] <= 1.0
+  assert set(r['knn']) == {'k20', 'k200'}
+  health = r['health']
+  assert 1.0 <= health['rankme'] <= r['feature_dim']
+  assert 0.0 <= health['alignment'] <= 4.0 and health['uniformity'] <= 0.0
 
 
 def make_method(config, mesh, *, steps_per_epoch: int = 1,

@@ -150,6 +150,14 @@ def test_export_and_eval_modes(tmp_path, fashion_mnist_dir):
   lines = result.stdout.splitlines()
   assert any(line.startswith('simclr (step 8)') for line in lines)
   assert not any(line.startswith('random init') for line in lines)
+  # The pictures of any workdir, its encoder read from the checkpoint.
+  (epath.Path(workdir) / 'export').rmtree()
+  result = _jaxssl('--mode=pictures', f'--workdir={workdir}',
+                   data_dir=fashion_mnist_dir)
+  assert result.returncode == 0, result.stderr
+  for name in ('knn_retrieval.png', 'training_curves.png'):
+    assert f'wrote {workdir}/{name}' in result.stdout
+    assert (epath.Path(workdir) / name).read_bytes()[:4] == b'\x89PNG'
 
 
 def test_preview_writes_a_png(tmp_path, fashion_mnist_dir):

@@ -108,7 +108,7 @@ class BankDouble(base.Method):
              'seen_label': extra['seen_label'].at[index].set(batch['label'])}
     loss = pull + probe
     metrics = {'loss': loss, 'probe_loss': probe}
-    return loss, base.Aux(batch_stats, extra, metrics, e1.features)
+    return loss, base.Aux(batch_stats, extra, metrics, e1.features[:, None])
 
 
 class EmaDouble(base.Method):

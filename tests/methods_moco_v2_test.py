@@ -16,7 +16,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from helpers import assert_close_8_vs_1 as _close
 from helpers import run_steps_with_losses as _run_steps
-from helpers import make_method, load_config, restore_state, tiny_factory
+from helpers import assert_evaluation, make_method, load_config
+from helpers import restore_state, tiny_factory
 from jaxssl import evaluate
 from jaxssl import parallel
 from jaxssl import steps
@@ -338,7 +339,7 @@ def test_run_resumes_exactly_exports_and_evaluates(tiny, tmp_path):
   assert int(a.extra['queue_ptr']) == 0
   enc, base = result['eval']['encoder'], result['eval']['random_init']
   for r in (enc, base):
-    assert 0.0 < r['top1'] <= r['top5'] <= 1.0
+    assert_evaluation(r)
   spec, _, exported = evaluate.load_encoder(straight, parallel.make_mesh())
   assert spec['method'] == 'moco_v2' and spec['step'] == 8
   # The export is the query encoder (encoder_q), as the official export.

@@ -16,7 +16,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from helpers import assert_close_8_vs_1 as _close
 from helpers import run_steps_with_losses as _run_steps
-from helpers import make_method, load_config, restore_state, tiny_factory
+from helpers import assert_evaluation, make_method, load_config
+from helpers import restore_state, tiny_factory
 from jaxssl import evaluate
 from jaxssl import parallel
 from jaxssl import train
@@ -241,7 +242,7 @@ def test_run_resumes_exactly_exports_and_evaluates(tiny, tmp_path):
   assert set(a.extra['target']) == {'params', 'batch_stats'}
   enc, base = result['eval']['encoder'], result['eval']['random_init']
   for r in (enc, base):
-    assert 0.0 < r['top1'] <= r['top5'] <= 1.0
+    assert_evaluation(r)
   spec, _, exported = evaluate.load_encoder(straight, parallel.make_mesh())
   assert spec['method'] == 'moco_v3' and spec['step'] == 8
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(exported),

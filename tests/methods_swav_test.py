@@ -13,7 +13,8 @@ import pytest
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from helpers import make_method, load_config, restore_state, tiny_factory
+from helpers import assert_evaluation, make_method, load_config
+from helpers import restore_state, tiny_factory
 from jaxssl import input_pipeline
 from jaxssl import methods
 from jaxssl import models
@@ -84,7 +85,7 @@ def _unit_rows(shape, seed):
 
 
 def _forward(method, params, batch_stats, batch):
-  (z, scores), _ = method.net.apply(
+  (z, scores, _), _ = method.net.apply(
       {'params': params, 'batch_stats': batch_stats}, batch['views'],
       train=True, num_chunks=method.num_chunks, mutable=['batch_stats'])
   return np.asarray(z, np.float64), np.asarray(scores, np.float64)
@@ -380,7 +381,7 @@ def test_run_resumes_exactly_exports_and_evaluates(tiny, tmp_path):
   result = train.run(tiny(), straight)
   enc, base = result['eval']['encoder'], result['eval']['random_init']
   for r in (enc, base):
-    assert 0.0 < r['top1'] <= r['top5'] <= 1.0
+    assert_evaluation(r)
   assert (epath.Path(straight) / 'export' / 'spec').exists()
   config = tiny(eval_after_training=False)
   train.run(config, resumed)

@@ -16,7 +16,7 @@ def test_records_what_fixes_data_order_and_schedule():
       'seed': 0, 'method': 'simclr', 'global_batch_size': 32,
       'dataset.name': 'fashion_mnist', 'dataset.image_folder': '',
       'dataset.train_split': 'train[:2048]', 'dataset.num_shards': 1,
-      'total_steps': 8}
+      'total_steps': 8, 'online_probe.enabled': True}
 
 
 @pytest.mark.parametrize('key, override, saved, new', [

@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 from etils import epath
 
-from helpers import restore_state, tiny_factory
+from helpers import assert_evaluation, restore_state, tiny_factory
 from jaxssl import checkpoint
 from jaxssl import evaluate
 from jaxssl import input_pipeline
 from jaxssl import parallel
 from jaxssl import train
+from jaxssl.evaluation import pictures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,17 +130,30 @@ def test_run_exports_and_evaluates(tiny, tmp_path, capsys):
   # after the 8 pretraining steps against 56.6% for the random init
   # (+6.7 points; after 64 steps 60.5% against 56.6%).
   probe = {'linear_eval.num_epochs': 30}
-  result = train.run(tiny(**probe), workdir)
+  result = train.run(tiny(**probe, eval_every_steps=4,
+                          pictures_after_training=True), workdir)
   out = capsys.readouterr().out
-  assert 'linear eval on fashion_mnist' in out and 'random init' in out
+  assert 'evaluation on fashion_mnist' in out and 'random init' in out
   enc, base = result['eval']['encoder'], result['eval']['random_init']
   for r in (enc, base):
-    assert 0.0 < r['top1'] <= r['top5'] <= 1.0
+    assert_evaluation(r)
     assert r['num_test'] == 512 and r['num_train'] == 1024
   # The trained encoder beats its random init by well over a point.
-  assert enc['top1'] >= base['top1'] + 0.01, (enc, base)
-  assert (epath.Path(workdir) / 'linear_eval.json').exists()
+  assert enc['linear']['fast']['top1'] >= (
+      base['linear']['fast']['top1'] + 0.01), (enc, base)
+  assert (epath.Path(workdir) / 'evaluation.json').exists()
   assert list(epath.Path(workdir).glob('events.out.tfevents.*'))
+  # The monitors every 4 steps and the online probe at every log step, in
+  # TensorBoard; the pictures at the end.
+  scalars = pictures.read_scalars(workdir)
+  for tag in ('knn_k20_top1', 'knn_k200_top1', 'rankme', 'alignment',
+              'uniformity'):
+    assert list(scalars[tag][0]) == [4, 8], tag
+  assert list(scalars['online_probe_top1'][0]) == [2, 4, 6, 8]
+  assert 'monitors at step 4: alignment ' in out
+  for name in ('knn_retrieval.png', 'training_curves.png'):
+    assert (epath.Path(workdir) / name).read_bytes()[:4] == b'\x89PNG'
+
   # Every auto/0 sentinel is resolved once, printed and saved.
   resolved = {'steps_per_epoch': 64, 'total_steps': 8,
               'dataset.num_shards': 1, 'model.stem': 'cifar',

@@ -350,7 +350,7 @@ def knn_accuracy(train_features: np.ndarray, train_labels: np.ndarray,
 
   Args:
     train_features: `[N, D]` global bank features, identical on every
-      process (as `jaxssl.evaluation.suite.extract_features` returns them).
+      process (as `jaxssl.evaluation.features.extract_features` returns them).
     train_labels: `[N]` int labels in `[0, num_classes)`, global.
     test_features: `[Q, D]` global query features.
     test_labels: `[Q]` int labels in `[0, num_classes)`, global.

@@ -87,8 +87,13 @@ class Aux(NamedTuple):
     batch_stats: the new BatchNorm statistics.
     extra: the new extra state.
     metrics: replicated float32 scalars.
-    features: None, or `[global_batch, feature_dim]` encoder features of
-      the first view (for online probes of later methods).
+    features: `[global_batch, V, feature_dim]` online-encoder features of
+      the V views the online probe trains on (`jaxssl.online_probe`), or
+      None (the probe is then refused while the step is traced, before
+      anything compiles). Each method names
+      its views: SimCLR both (TF2's `head_supervised`), BYOL view 1 (its
+      `classif_loss`), MoCo v2 the queries' view, the others every global
+      view.
   """
   batch_stats: PyTree
   extra: PyTree

@@ -152,4 +152,5 @@ class BYOL(base.Method):
         'tau': self.tau_schedule(step),
     }
     extra = dict(extra, target=dict(target, batch_stats=target_stats))
-    return loss, base.Aux(batch_stats, extra, metrics, o1.features)
+    # View 1 only feeds the online classifier, as in BYOL.
+    return loss, base.Aux(batch_stats, extra, metrics, o1.features[:, None])

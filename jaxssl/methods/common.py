@@ -119,7 +119,8 @@ def forward_each_view(net: nn.Module, params: PyTree, batch_stats: PyTree,
 
 
 def multicrop_embed(encoder: nn.Module, head: nn.Module, views, *,
-                    train: bool, num_chunks: int = 1) -> jax.Array:
+                    train: bool, num_chunks: int = 1,
+                    with_features: bool = False):
   """Multi-crop: one encoder pass per resolution, one head pass for all.
 
   Call from inside a module's `__call__` (bound submodules). The features
@@ -134,9 +135,12 @@ def multicrop_embed(encoder: nn.Module, head: nn.Module, views, *,
       (global batch).
     train: BatchNorm uses and updates batch statistics.
     num_chunks: contiguous chunks of the batch (BN groups, devices).
+    with_features: also return the encoder features of the first
+      resolution's crops (the global views).
 
   Returns:
-    `[N, V, dim]` L2-normalised head outputs, crops in view order.
+    `[N, V, dim]` L2-normalised head outputs, crops in view order; with
+    `with_features`, the pair of that and `[N, V_0, feature_dim]`.
 
   References:
     facebookresearch/swav `src/resnet50.py:MultiPrependedResNet.forward`.
@@ -146,6 +150,8 @@ def multicrop_embed(encoder: nn.Module, head: nn.Module, views, *,
   for x in views:
     v = x.shape[1]
     h = encoder(x.reshape((n * v,) + x.shape[2:]), train=train)
+    if not feats:
+      first = h.reshape(n, v, -1)
     feats.append(h.reshape(num_chunks, -1, h.shape[-1]))
     layout.append((n // num_chunks * v, v))
   h = jnp.concatenate(feats, axis=1).reshape(-1, feats[0].shape[-1])
@@ -153,9 +159,10 @@ def multicrop_embed(encoder: nn.Module, head: nn.Module, views, *,
   parts = jnp.split(z.reshape(num_chunks, -1, z.shape[-1]),
                     [sum(r for r, _ in layout[:i + 1])
                      for i in range(len(layout) - 1)], axis=1)
-  return jnp.concatenate(
+  z = jnp.concatenate(
       [part.reshape(num_chunks, rows // v, v, -1).reshape(n, v, -1)
        for part, (rows, v) in zip(parts, layout)], axis=1)
+  return (z, first) if with_features else z
 
 
 def ema_update(target: PyTree, online: PyTree, momentum) -> PyTree:

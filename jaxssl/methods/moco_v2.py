@@ -196,4 +196,5 @@ class MoCoV2(base.Method):
                'key_embedding_std': common.embedding_std(k),
                'positive_cosine': positive_cosine,
                'contrast_acc': contrast_acc}
-    return loss, base.Aux(new_batch_stats, new_extra, metrics, out.features)
+    return loss, base.Aux(new_batch_stats, new_extra, metrics,
+                          out.features[:, None])  # the queries' view

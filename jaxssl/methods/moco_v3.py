@@ -141,4 +141,5 @@ class MoCoV3(base.Method):
                'contrast_acc': contrast_acc,
                'momentum': self.momentum_schedule(step)}
     new_extra = {'target': dict(target, batch_stats=key_stats)}
-    return loss, base.Aux(stats, new_extra, metrics, o1.features)
+    features = jnp.stack([o1.features, o2.features], axis=1)
+    return loss, base.Aux(stats, new_extra, metrics, features)

@@ -110,5 +110,5 @@ class SimCLR(base.Method):
     loss = 2.0 * mean_loss  # tf2/objective.py's mean(loss_a + loss_b)
     metrics = dict(metrics, loss=loss,
                    embedding_std=common.embedding_std(z[:, 0]))
-    features = h.reshape(n, v, -1)[:, 0]
-    return loss, base.Aux(batch_stats, extra, metrics, features)
+    # Both views feed the online probe, as `head_supervised` in SimCLR TF2.
+    return loss, base.Aux(batch_stats, extra, metrics, h.reshape(n, v, -1))

@@ -131,4 +131,5 @@ class SimSiam(base.Method):
         # Tends to 1 (with embedding_std to 0) when the network collapses.
         'view_agreement': common.mean_cosine(z1, z2),
     }
-    return loss, base.Aux(batch_stats, extra, metrics, e1.features)
+    features = jnp.stack([e1.features, e2.features], axis=1)
+    return loss, base.Aux(batch_stats, extra, metrics, features)

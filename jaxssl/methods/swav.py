@@ -65,12 +65,14 @@ class SwAVNet(nn.Module):
         chunks of examples (`common.multicrop_embed`).
 
     Returns:
-      `(z, scores)`: `[N, V, dim]` L2-normalised embeddings and
-      `[N, V, K]` float32 prototype scores, crops in view order.
+      `(z, scores, features)`: `[N, V, dim]` L2-normalised embeddings,
+      `[N, V, K]` float32 prototype scores (crops in view order), and
+      `[N, V_0, feature_dim]` encoder features of the global crops.
     """
-    z = common.multicrop_embed(self.encoder, self.head, views, train=train,
-                               num_chunks=num_chunks)
-    return z, self.prototypes(z)
+    z, features = common.multicrop_embed(
+        self.encoder, self.head, views, train=train, num_chunks=num_chunks,
+        with_features=True)
+    return z, self.prototypes(z), features
 
 
 code_metrics = common.assignment_metrics
@@ -229,7 +231,7 @@ class SwAV(base.Method):
     del rng  # all randomness is in the host augmentations
     c = self.config.swav
     num_crops = sum(v.shape[1] for v in batch['views'])
-    (z, scores), batch_stats = common.forward(
+    (z, scores, features), batch_stats = common.forward(
         self.net, params, batch_stats, batch['views'],
         num_chunks=self.num_chunks)
     scores_list = [scores[:, v] for v in range(num_crops)]
@@ -250,7 +252,7 @@ class SwAV(base.Method):
       metrics['queue_in_use'] = in_use.astype(jnp.float32)
       extra = self._enqueue(extra, z, step)
     metrics.update(common.assignment_metrics(codes), loss=loss)
-    return loss, base.Aux(batch_stats, extra, metrics)
+    return loss, base.Aux(batch_stats, extra, metrics, features)
 
   def _enqueue(self, extra, z, step):
     """Shifts the queue by the global batch and puts this batch in front."""
