@@ -64,6 +64,8 @@ def get_config():
 
   # The official linear eval: 80 epochs of Nesterov SGD, base lr 0.2 x B/256
   # (swept in the paper), no weight decay.
+  # The paper's own protocol beside the fast one (--mode=eval on the pod).
+  c.linear_eval.protocols = ('fast', 'paper')
   c.linear_eval.num_epochs = 80
   c.linear_eval.batch_size = 1024
   c.linear_eval.base_learning_rate = 0.2

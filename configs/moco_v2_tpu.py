@@ -68,6 +68,8 @@ def get_config():
   # The official main_lincls.py: SGD momentum 0.9, lr 30 at batch 256, no
   # weight decay, 100 epochs (step decay at 60 and 80 there; this trainer's
   # linear eval uses its own schedule on frozen features).
+  # The paper's own protocol beside the fast one (--mode=eval on the pod).
+  c.linear_eval.protocols = ('fast', 'paper')
   c.linear_eval.num_epochs = 100
   c.linear_eval.batch_size = 256
   c.linear_eval.base_learning_rate = 30.0

@@ -70,6 +70,8 @@ def get_config():
 
   # moco-v3's main_lincls.py: SGD momentum 0.9, lr 0.1 x B/256 (B = 1024),
   # no weight decay, 90 epochs with cosine.
+  # The paper's own protocol beside the fast one (--mode=eval on the pod).
+  c.linear_eval.protocols = ('fast', 'paper')
   c.linear_eval.num_epochs = 90
   c.linear_eval.batch_size = 1024
   c.linear_eval.base_learning_rate = 0.1

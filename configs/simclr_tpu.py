@@ -41,9 +41,13 @@ def get_config():
 
   c.simclr.temperature = 0.1
 
+  # The paper's own protocol beside the fast one (--mode=eval on the pod).
+  c.linear_eval.protocols = ('fast', 'paper')
   c.linear_eval.num_epochs = 90
   c.linear_eval.batch_size = 4096
   c.linear_eval.base_learning_rate = 0.1
   c.linear_eval.weight_decay = 1e-6
   c.linear_eval.feature_batch_size = 4096
+  # SimCLR v2's semi-supervised results: the official 1% and 10% lists.
+  c.finetune.fractions = (0.01, 0.1)
   return c

@@ -60,6 +60,8 @@ def get_config():
 
   # The official main_lincls.py: LARS, batch 4096, lr 0.02 x B/256 = 0.32,
   # 90 epochs, no weight decay; jaxssl's probe is Nesterov SGD (docs).
+  # The paper's own protocol beside the fast one (--mode=eval on the pod).
+  c.linear_eval.protocols = ('fast', 'paper')
   c.linear_eval.num_epochs = 90
   c.linear_eval.batch_size = 4096
   c.linear_eval.base_learning_rate = 0.02

@@ -92,6 +92,8 @@ def get_config():
   c.swav.epoch_queue_starts = 15.0
   c.swav.bn_examples_per_group = 512  # 8 GPUs x 64 images
 
+  # The paper's own protocol beside the fast one (--mode=eval on the pod).
+  c.linear_eval.protocols = ('fast', 'paper')
   c.linear_eval.num_epochs = 100
   c.linear_eval.batch_size = 256
   c.linear_eval.base_learning_rate = 0.3
