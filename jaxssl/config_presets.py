@@ -22,7 +22,9 @@ def fashion_mnist_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   - `small_cnn`: three conv stages and a learned 256-d dense representation;
   - AdamW at lr 1e-3 × B/256, weight decay 1e-6, a quarter-epoch warmup;
   - the linear probe of docs/results.md: 100 epochs at batch 512,
-    lr 0.05 × 512/256 = 0.1, no weight decay.
+    lr 0.05 × 512/256 = 0.1, no weight decay;
+  - kNN and health monitors every 300 steps, and fine-tuning on 1% of the
+    labels (SimCLR v2's recipe) against training from scratch on them.
 
   Args:
     c: `config_schema.defaults(method)`; changed in place.
@@ -58,6 +60,9 @@ def fashion_mnist_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.linear_eval.batch_size = 512
   c.linear_eval.base_learning_rate = 0.05  # x 512/256 = 0.1
   c.linear_eval.weight_decay = 0.0
+
+  c.eval_every_steps = 300  # kNN and health monitors while pretraining
+  c.finetune.fractions = (0.01,)  # 600 labels, and from scratch beside
   c.linear_eval.feature_batch_size = 1024
   return c
 
@@ -83,6 +88,7 @@ def fashion_mnist_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   c.keep_checkpoints = 2
   c.eval_after_training = True
   c.pictures_after_training = False
+  c.eval_every_steps = 0
 
   c.dataset.name = 'fashion_mnist'
   c.dataset.train_split = 'train[:2048]'

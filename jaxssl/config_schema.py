@@ -124,6 +124,7 @@ def defaults(method: str = 'simclr') -> ml_collections.ConfigDict:
   c.linear_eval = ml_collections.ConfigDict()
   c.linear_eval.protocols = ('fast',)
   c.linear_eval.num_epochs = 90
+  c.linear_eval.paper_num_epochs = 0  # 'paper': 0 = num_epochs
   c.linear_eval.batch_size = 1024
   c.linear_eval.base_learning_rate = 0.1
   c.linear_eval.lr_scaling = 'linear'
@@ -316,6 +317,9 @@ def _validate_linear_eval(le) -> None:
            and len(set(protocols)) == len(protocols),
            f'linear_eval.protocols={le.protocols!r} must be a non-empty tuple '
            "of distinct protocols from 'fast', 'paper'")
+  _require(le.paper_num_epochs >= 0,
+           f'linear_eval.paper_num_epochs={le.paper_num_epochs} must be >= 0 '
+           '(0: linear_eval.num_epochs)')
   _require(le.num_epochs > 0 and le.batch_size > 0
            and le.feature_batch_size > 0,
            f'linear_eval.num_epochs={le.num_epochs}, batch_size='

@@ -179,7 +179,10 @@ def restore_newest_good_encoder(
   """
   directory = absolute(workdir) / checkpoint.CHECKPOINTS_SUBDIR
   if not directory.exists():
-    raise FileNotFoundError(f'no checkpoints under {directory}')
+    raise FileNotFoundError(
+        f'no encoder in {absolute(workdir)}: no exported encoder (a spec '
+        f'file there or in its {EXPORT_SUBDIR}/) and no checkpoints under '
+        f'{directory}')
   steps = sorted(checkpoint.reader(directory).all_steps(), reverse=True)
   if not steps:
     raise FileNotFoundError(f'no complete checkpoint under {directory}')

@@ -220,7 +220,8 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
 def make_optimizer(optim_config,
                    schedule: optax.ScalarOrSchedule, *,
                    fixed_lr_mask: Callable[[PyTree], PyTree] | None = None,
-                   fixed_lr: float = 0.0
+                   fixed_lr: float = 0.0,
+                   also_exclude: Callable[[tuple, Any], bool] | None = None
                    ) -> optax.GradientTransformation:
   """Returns the optax optimizer of a recipe, with its exclusion masks.
 
@@ -245,6 +246,8 @@ def make_optimizer(optim_config,
     fixed_lr_mask: `params -> bool pytree` of the leaves kept at `fixed_lr`,
       or None (every leaf follows `schedule`).
     fixed_lr: their learning rate (> 0), e.g. `peak_learning_rate(...)`.
+    also_exclude: `(path, leaf) -> bool`, leaves excluded besides those of
+      `optim_config.exclude` (SimCLR excludes `head_supervised` by name).
 
   Returns:
     An `optax.GradientTransformation` over a params pytree.
@@ -259,6 +262,11 @@ def make_optimizer(optim_config,
   cfg = optim_config
   build = _lookup(OPTIMIZERS, cfg.name, 'optimizer')
   include = _included(cfg.exclude)
+  if also_exclude is not None:
+    rule_include = include
+    include = lambda tree: jax.tree.map(
+        lambda kept, excluded: kept and not excluded, rule_include(tree),
+        jax.tree_util.tree_map_with_path(also_exclude, tree))
   if cfg.weight_decay < 0:
     raise ValueError(f'weight_decay={cfg.weight_decay} must be >= 0')
   if not 0 <= cfg.momentum < 1:

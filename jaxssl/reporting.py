@@ -6,6 +6,7 @@ training loop never blocks on a single step's scalars.
 """
 
 import math
+import re
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ from clu import metric_writers
 
 
 GUARDED_METRICS = ('loss', 'grad_norm', 'param_norm', 'update_norm')
+_KNN_TOP1 = re.compile(r'knn_k\d+_top1')
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -44,6 +46,7 @@ class Reporter:
     self._last_step = start_step
     self._last_time = time.perf_counter()
     self.last_metrics: dict[str, float] = {}
+    self._monitors: dict[str, float] = {}  # the latest `write_monitors`
 
   def add(self, metrics: dict[str, jax.Array]) -> None:
     """Queues one step's metrics (device arrays; not fetched yet)."""
@@ -96,14 +99,20 @@ class Reporter:
       parts.append(f'acc {metrics["contrast_acc"]:.3f}')
     if 'online_probe_top1' in metrics:
       parts.append(f'probe {metrics["online_probe_top1"]:.3f}')
+    knn = sorted((int(name[5:-5]), value) for name, value in
+                 self._monitors.items() if _KNN_TOP1.fullmatch(name))
+    if knn:  # the smallest k's latest figure
+      parts.append(f'kNN-{knn[0][0]} {knn[0][1]:.3f}')
     parts += [f'lr {metrics["learning_rate"]:.4g}',
               f'{metrics["images_per_sec"]:.0f} img/s',
               f'ETA {format_duration(eta) if math.isfinite(eta) else "?"}']
     return ' | '.join(parts)
 
   def write_monitors(self, step: int, metrics: dict[str, float]) -> None:
-    """Writes the periodic kNN and health metrics and prints them."""
+    """Writes the periodic kNN and health metrics and prints them; the
+    progress line shows the latest kNN top-1 from then on."""
     self._writer.write_scalars(step, metrics)
+    self._monitors = dict(metrics)
     if jax.process_index() == 0:
       parts = [f'{name} {value:.4g}' for name, value in sorted(metrics.items())]
       print(f'monitors at step {step}: ' + ' | '.join(parts), flush=True)
@@ -115,3 +124,29 @@ class Reporter:
   def close(self) -> None:
     self._writer.flush()
     self._writer.close()
+
+
+def evaluation_scalars(entry: dict[str, Any]) -> dict[str, float]:
+  """One encoder's `evaluate.run` entry as scalars named as the monitors'.
+
+  `linear_<protocol>_top1`, `knn_k<k>_top1` and `_top5`, `rankme`,
+  `alignment`, `uniformity`, `finetune_<fraction>_top1`.
+  """
+  scalars = {f'linear_{protocol}_top1': r['top1']
+             for protocol, r in entry['linear'].items()}
+  for name, r in (entry['knn'] or {}).items():
+    scalars.update({f'knn_{name}_top1': r['top1'],
+                    f'knn_{name}_top5': r['top5']})
+  scalars.update(entry['health'] or {})
+  for fraction, r in (entry.get('finetune') or {}).items():
+    scalars[f'finetune_{fraction}_top1'] = r['top1']
+  return scalars
+
+
+def write_scalars(workdir: str, step: int, scalars: dict[str, float]) -> None:
+  """Writes `scalars` at `step` to the workdir's TensorBoard events."""
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  writer.write_scalars(step, scalars)
+  writer.flush()
+  writer.close()

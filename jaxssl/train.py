@@ -332,12 +332,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   destination = str(epath.Path(workdir) / encoder_export.EXPORT_SUBDIR)
   export(s, state, destination)
   results = None
+  step = int(np.asarray(state.step))
   if config.eval_after_training:
     results = evaluate.run(config, destination, s.mesh,
                            results_path=str(epath.Path(workdir)
                                             / 'evaluation.json'))
+    # The final figures join the monitors' curves in TensorBoard.
+    reporting.write_scalars(workdir, step,
+                            reporting.evaluation_scalars(results['encoder']))
   if config.pictures_after_training:
-    step = int(np.asarray(state.step))
     retrieval.write_pictures(
         config, workdir, s.method.encoder,
         s.method.encoder_variables(state.params, state.batch_stats), s.mesh,

@@ -18,12 +18,12 @@ def tiny(fashion_mnist_dir):
 
 
 def _batches(config, indices, epoch, seed=0, batch_size=64):
-  return list(supervised.train_batches(
-      config, config.dataset.eval_train_split, indices,
-      batch_size=batch_size, epoch=epoch, seed=seed))
+  data = supervised.LabelledData(config, config.dataset.eval_train_split,
+                                 indices, batch_size=batch_size)
+  return list(data.epoch(epoch, seed))
 
 
-def test_train_batches_cover_the_labelled_examples_once_per_epoch(tiny):
+def test_labelled_data_covers_the_examples_once_per_epoch(tiny):
   config = tiny()
   labels = supervised.split_labels(config, config.dataset.eval_train_split)
   indices = np.arange(0, 1024, 5)  # 205 examples: 3 batches of 64
@@ -136,3 +136,22 @@ def test_fine_tuning_epochs_follow_simclr_v2_unless_set():
   assert (recipe.optimizer, recipe.base_learning_rate, recipe.lr_scaling,
           recipe.weight_decay, recipe.finetune) == ('lars', 0.005, 'sqrt',
                                                     0.0, True)
+
+
+def test_lars_excludes_the_classifier_as_head_supervised():
+  # First step, SimCLR's LARS: v = lr * trust * g. The classifier is
+  # excluded (trust 1, no decay); an encoder kernel is adapted.
+  recipe = supervised.Recipe(
+      finetune=True, num_epochs=1, batch_size=8, base_learning_rate=0.5,
+      lr_scaling='none', optimizer='lars', weight_decay=0.1)
+  tx = supervised._optimizer(recipe, 0.5)
+  params = {'head': {'kernel': jnp.full((2, 2), 3.0), 'bias': jnp.ones(2)},
+            'encoder': {'conv1': {'kernel': jnp.full((2, 2), 3.0)}}}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates['head']['kernel'], -0.25, rtol=1e-6)
+  np.testing.assert_allclose(updates['head']['bias'], -0.25, rtol=1e-6)
+  g = 0.5 + 0.1 * 3.0  # decayed gradient of the encoder kernel
+  trust = 1e-3 * 6.0 / (2 * g)  # eta |w| / |g + wd w|, both 2x2
+  np.testing.assert_allclose(updates['encoder']['conv1']['kernel'],
+                             -0.5 * trust * g, rtol=1e-5)

@@ -83,6 +83,22 @@ BAD_INPUTS = [
      'exist; create it first'),
     (['--mode=preview', '--out={tmp}'],
      '--out={tmp} is a directory; give a file name'),
+    # Evaluation settings, checked before pretraining or evaluating.
+    (["--config.linear_eval.protocols=('fast','papr')"],
+     "linear_eval.protocols=('fast', 'papr') must be a non-empty tuple of "
+     "distinct protocols from 'fast', 'paper'"),
+    (['--config.finetune.fractions=(0.01,1.5)'],
+     'finetune.fractions=(0.01, 1.5) must be a tuple of numbers in (0, 1], '
+     'e.g. (0.01, 0.1)'),
+    (['--config.knn_eval.ks=(0,20)'],
+     'knn_eval.ks=(0, 20) must be a non-empty tuple of positive integers, '
+     'e.g. (20, 200)'),
+    (['--config.knn_eval.ks=(20,5000)'],
+     'knn_eval.ks=(20, 5000) has a k above the 1024 images of '
+     "dataset.eval_train_split='train[:1024]'; use ks <= 1024"),
+    (['--mode=eval', '--source={tmp}/nothing'],
+     'no encoder in {tmp}/nothing: no exported encoder (a spec file there '
+     'or in its export/) and no checkpoints under {tmp}/nothing/checkpoints'),
 ]
 
 

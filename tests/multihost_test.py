@@ -5,14 +5,15 @@ global batch and seed (losses and parameters); each process reads only its
 half of the train split; a 2-process checkpoint resumes in a 1-process run
 and continues like an uninterrupted one; killing any process of two or
 three, or an error in one, stops the others within 60 s with one line that
-names the lost process;
-SIGTERM to either or both stops both after the same step, saved.
+names the lost process; SIGTERM to either or both stops both after the same
+step, saved; each process draws the same labelled fraction for fine-tuning.
 
 The processes run `python -m jaxssl.main` exactly as a user would; the
 1-process twins run in this (8-device) test process.
 """
 
 import glob
+import hashlib
 import os
 import shutil
 import signal
@@ -36,6 +37,7 @@ from jaxssl import parallel
 from jaxssl import preemption
 from jaxssl import supervisor
 from jaxssl import train
+from jaxssl.evaluation import supervised
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Fixing the shard count makes the data order that of any process count.
@@ -317,3 +319,38 @@ def test_an_error_in_one_process_stops_the_other(data_dir, tmp_path):
   assert err1.strip().splitlines()[-1] == f'jaxssl: error: {expected}'
   assert err0.strip().splitlines()[-1].startswith(
       f'jaxssl: error: process 1 of 2 stopped with an error: {expected}')
+
+
+# Each process of a 2-process run draws the labelled fraction by itself.
+_SUBSET = '''
+import hashlib, sys
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                           process_id=int(sys.argv[2]))
+sys.path.insert(0, 'tests')
+from helpers import load_config
+from jaxssl.evaluation import supervised
+config = load_config('simclr_tiny', **{'dataset.data_dir': sys.argv[3]})
+_, indices = supervised.labelled_set(config, 0.1)
+print(jax.process_index(), hashlib.sha256(indices.tobytes()).hexdigest())
+'''
+
+
+def test_label_fractions_are_the_same_in_every_process(data_dir):
+  address = f'127.0.0.1:{_free_port()}'
+  env = {k: v for k, v in os.environ.items() if not k.startswith('JAXSSL_')}
+  env.update(XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             JAX_PLATFORMS='cpu')
+  processes = [subprocess.Popen(
+      [sys.executable, '-c', _SUBSET, address, str(q), data_dir], cwd=REPO,
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for q in (0, 1)]
+  try:
+    outs = [p.communicate(timeout=STARTUP_TIMEOUT_S) for p in processes]
+  finally:
+    _wait_all(processes, 1)
+  config = load_config('simclr_tiny', **{'dataset.data_dir': data_dir})
+  _, indices = supervised.labelled_set(config, 0.1)
+  digest = hashlib.sha256(indices.tobytes()).hexdigest()
+  assert [out.split() for out, _ in outs] == [['0', digest], ['1', digest]], (
+      [err[-2000:] for _, err in outs])

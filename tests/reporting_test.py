@@ -39,6 +39,39 @@ def test_write_averages_and_logs_to_tensorboard(tmp_path, capsys):
       0.1)
 
 
+def test_the_progress_line_shows_the_probe_and_the_latest_knn(tmp_path,
+                                                             capsys):
+  reporter = reporting.Reporter(str(tmp_path), total_steps=10,
+                                global_batch_size=32, start_step=0)
+  reporter.add(dict(_metrics(1.0), online_probe_top1=jnp.float32(0.25)))
+  reporter.write(1)
+  reporter.write_monitors(1, {'knn_k200_top1': 0.5, 'knn_k20_top1': 0.625,
+                              'knn_k20_top5': 0.9, 'rankme': 12.5})
+  reporter.add(dict(_metrics(1.0), online_probe_top1=jnp.float32(0.75)))
+  reporter.write(2)
+  reporter.close()
+  first, monitors, second = capsys.readouterr().out.strip().splitlines()
+  assert '| probe 0.250 |' in first and 'kNN' not in first
+  assert monitors == ('monitors at step 1: knn_k200_top1 0.5 | knn_k20_top1 '
+                      '0.625 | knn_k20_top5 0.9 | rankme 12.5')
+  assert '| probe 0.750 | kNN-20 0.625 | lr 0.1 |' in second
+
+
+def test_evaluation_scalars_are_named_as_the_monitors():
+  entry = {'linear': {'fast': {'top1': 0.8, 'top5': 0.9},
+                      'paper': {'top1': 0.7, 'top5': 0.95}},
+           'knn': {'k20': {'top1': 0.6, 'top5': 0.85}},
+           'health': {'rankme': 3.5, 'alignment': 0.25, 'uniformity': -2.0},
+           'finetune': {'0.01': {'top1': 0.5, 'top5': 0.75}}}
+  assert reporting.evaluation_scalars(entry) == {
+      'linear_fast_top1': 0.8, 'linear_paper_top1': 0.7,
+      'knn_k20_top1': 0.6, 'knn_k20_top5': 0.85, 'rankme': 3.5,
+      'alignment': 0.25, 'uniformity': -2.0, 'finetune_0.01_top1': 0.5}
+  assert reporting.evaluation_scalars(
+      dict(entry, knn=None, health=None, finetune=None)) == {
+          'linear_fast_top1': 0.8, 'linear_paper_top1': 0.7}
+
+
 @pytest.mark.parametrize('bad', [float('nan'), float('inf')])
 def test_nonfinite_loss_names_the_step(tmp_path, bad):
   reporter = reporting.Reporter(str(tmp_path), total_steps=10,

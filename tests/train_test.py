@@ -130,7 +130,13 @@ def test_run_exports_and_evaluates(tiny, tmp_path, capsys):
   # after the 8 pretraining steps against 56.6% for the random init
   # (+6.7 points; after 64 steps 60.5% against 56.6%).
   probe = {'linear_eval.num_epochs': 30}
-  result = train.run(tiny(**probe, eval_every_steps=4,
+  # Fine-tuning on all 1,024 labels, from the encoder and from scratch:
+  # measured 60.4% against 57.2% (+3.1 points; seed 0, 8 CPU devices).
+  finetune = {'finetune.fractions': (1.0,), 'finetune.num_epochs': 40,
+              'finetune.batch_size': 128, 'finetune.optimizer': 'nesterov',
+              'finetune.base_learning_rate': 0.5,
+              'finetune.lr_scaling': 'linear'}
+  result = train.run(tiny(**probe, **finetune, eval_every_steps=4,
                           pictures_after_training=True), workdir)
   out = capsys.readouterr().out
   assert 'evaluation on fashion_mnist' in out and 'random init' in out
@@ -138,9 +144,12 @@ def test_run_exports_and_evaluates(tiny, tmp_path, capsys):
   for r in (enc, base):
     assert_evaluation(r)
     assert r['num_test'] == 512 and r['num_train'] == 1024
-  # The trained encoder beats its random init by well over a point.
+  # The trained encoder beats its random init by well over a point, and
+  # fine-tuning it beats training from scratch.
   assert enc['linear']['fast']['top1'] >= (
       base['linear']['fast']['top1'] + 0.01), (enc, base)
+  assert enc['finetune']['1']['top1'] >= (
+      base['finetune']['1']['top1'] + 0.01), (enc, base)
   assert (epath.Path(workdir) / 'evaluation.json').exists()
   assert list(epath.Path(workdir).glob('events.out.tfevents.*'))
   # The monitors every 4 steps and the online probe at every log step, in
@@ -150,6 +159,10 @@ def test_run_exports_and_evaluates(tiny, tmp_path, capsys):
               'uniformity'):
     assert list(scalars[tag][0]) == [4, 8], tag
   assert list(scalars['online_probe_top1'][0]) == [2, 4, 6, 8]
+  # The final evaluation joins them at the last step.
+  assert list(scalars['linear_fast_top1'][0]) == [8]
+  assert scalars['knn_k20_top1'][1][-1] == pytest.approx(
+      enc['knn']['k20']['top1'])
   assert 'monitors at step 4: alignment ' in out
   for name in ('knn_retrieval.png', 'training_curves.png'):
     assert (epath.Path(workdir) / name).read_bytes()[:4] == b'\x89PNG'
@@ -169,7 +182,7 @@ def test_run_exports_and_evaluates(tiny, tmp_path, capsys):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(from_export),
                jax.device_get(from_ckpt))
   # Evaluating the export again reproduces the numbers exactly.
-  again = evaluate.run(tiny(**probe,
+  again = evaluate.run(tiny(**probe, **finetune,
                             **{'linear_eval.random_init_baseline': False}),
                        str(epath.Path(workdir) / 'export'), mesh)
   assert again['encoder'] == enc

@@ -14,7 +14,8 @@ its peak to 0 and no warmup, and report top-1/top-5 on the centre crops of
   `add_weight_decay` for its momentum optimizer.
 - `finetune`: the encoder and the classifier are trained, BatchNorm in
   training mode over the global batch (SimCLR v2 `--global_bn=True`), with
-  LARS (SimCLR's, lr inside the momentum buffer, biases and BN excluded) or
+  LARS (SimCLR's, lr inside the momentum buffer; biases, BN and the
+  classifier excluded from decay and trust ratio, as `head_supervised`) or
   Nesterov SGD as above on every non-BN variable.
 
 References:
@@ -90,57 +91,70 @@ def global_batch_size(recipe: Recipe, num_examples: int, mesh: Mesh) -> int:
   return batch
 
 
-def train_batches(config: ml_collections.ConfigDict, split: str,
-                  indices: np.ndarray | None, *, batch_size: int,
-                  epoch: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
-  """One epoch of this process's `{'image', 'label'}` batches.
+class LabelledData:
+  """This process's share of the labelled examples, and its epochs.
 
   Examples `indices` of `split` (all when None) are dealt to the processes
-  round-robin, shuffled with a seed of `(seed, epoch)`, cropped and flipped
-  with per-example seeds of `(seed, epoch, index)`; every process yields
-  the same number of batches, `floor(n / P) // (batch_size / P)`.
-
-  Args:
-    config: the run config (dataset.*, augment.crop_sampler and recipe).
-    split: a tfds split of `config.dataset`.
-    indices: example indices into `split`, or None.
-    batch_size: the global batch size (a multiple of the process count).
-    epoch: the epoch, for the seeds.
-    seed: the recipe's seed.
+  round-robin and decoded once (kept in memory with `dataset.cache`); each
+  epoch shuffles them with a seed of `(seed, epoch)` and crops and flips
+  each with a seed of `(seed, epoch, index)`. Every process yields the same
+  number of batches per epoch, `steps = floor(n / P) // (batch_size / P)`.
   """
-  builder = datasets.get_builder(config.dataset)
-  image_key, label_key = datasets.feature_keys(builder)
-  total = datasets.split_num_examples(builder, split)
-  keep = np.zeros(total, bool)
-  keep[np.arange(total) if indices is None else indices] = True
-  count, processes = int(keep.sum()), jax.process_count()
-  local = batch_size // processes
-  steps = count // processes // local
-  augment = ml_collections.ConfigDict(config.augment.to_dict())
-  augment.crop_area, augment.flip, augment.num_small_views = _CROP_AREA, True, 0
-  size = config.dataset.image_size
 
-  def prepare(index, example):
-    view_seed = tf.stack([tf.constant(seed, tf.int64),
-                          tf.constant(epoch, tf.int64), index])
-    view_seed = tf.random.experimental.stateless_fold_in(view_seed[:2],
-                                                         view_seed[2])
-    image = host.crop_view(example[image_key], view_seed, view_index=0,
-                           out_size=size, config_augment=augment)
-    return {'image': tf.clip_by_value(image, 0.0, 1.0),
-            'label': tf.cast(example[label_key], tf.int32)}
+  def __init__(self, config: ml_collections.ConfigDict, split: str,
+               indices: np.ndarray | None, *, batch_size: int):
+    """Prepares the reading (nothing is read yet).
 
-  mask = tf.constant(keep)
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                          read_config=tfds.ReadConfig(try_autocache=False))
-  ds = ds.enumerate().filter(lambda i, e: mask[i])
-  ds = ds.shard(processes, jax.process_index())
-  ds = ds.shuffle(min(count, config.dataset.shuffle_buffer),
-                  seed=seed * 1_000_003 + epoch, reshuffle_each_iteration=False)
-  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE,
-              deterministic=True)
-  ds = ds.batch(local, drop_remainder=True).take(steps)
-  return tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE))
+    Args:
+      config: the run config (dataset.*, augment.crop_sampler and recipe).
+      split: a tfds split of `config.dataset`.
+      indices: example indices into `split`, or None.
+      batch_size: the global batch size (a multiple of the process count).
+    """
+    builder = datasets.get_builder(config.dataset)
+    image_key, label_key = datasets.feature_keys(builder)
+    total = datasets.split_num_examples(builder, split)
+    keep = np.zeros(total, bool)
+    keep[np.arange(total) if indices is None else indices] = True
+    self.count, processes = int(keep.sum()), jax.process_count()
+    self.local_batch_size = batch_size // processes
+    self.steps = self.count // processes // self.local_batch_size
+    self._config = config
+    mask, decode = tf.constant(keep), builder.info.features[
+        image_key].decode_example
+    # Only the labelled images are decoded (a 1% subset decodes 1%).
+    ds = builder.as_dataset(split=split, shuffle_files=False,
+                            decoders={image_key: tfds.decode.SkipDecoding()},
+                            read_config=tfds.ReadConfig(try_autocache=False))
+    ds = ds.enumerate().filter(lambda i, e: mask[i])
+    ds = ds.shard(processes, jax.process_index()).map(
+        lambda i, e: (i, decode(e[image_key]),
+                      tf.cast(e[label_key], tf.int32)))
+    self._examples = ds.cache() if config.dataset.cache else ds
+
+  def epoch(self, epoch: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+    """This process's `{'image' [b, S, S, C] in [0, 1], 'label' [b]}`
+    batches of one epoch, b = batch_size / P."""
+    c = self._config
+    augment = ml_collections.ConfigDict(c.augment.to_dict())
+    augment.crop_area, augment.flip = _CROP_AREA, True
+    augment.num_small_views = 0
+    size = c.dataset.image_size
+
+    def prepare(index, image, label):
+      view_seed = tf.random.experimental.stateless_fold_in(
+          tf.constant([seed, epoch], tf.int64), index)
+      image = host.crop_view(image, view_seed, view_index=0, out_size=size,
+                             config_augment=augment)
+      return {'image': tf.clip_by_value(image, 0.0, 1.0), 'label': label}
+
+    ds = self._examples.shuffle(
+        min(self.count, c.dataset.shuffle_buffer),
+        seed=seed * 1_000_003 + epoch, reshuffle_each_iteration=False)
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+    ds = ds.batch(self.local_batch_size, drop_remainder=True).take(self.steps)
+    return tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE))
 
 
 def _optimizer(recipe: Recipe, schedule) -> optax.GradientTransformation:
@@ -152,13 +166,21 @@ def _optimizer(recipe: Recipe, schedule) -> optax.GradientTransformation:
         name='lars', lars_variant='simclr', exclude='bias_and_norm',
         weight_decay=recipe.weight_decay, momentum=recipe.momentum,
         nesterov=False, trust_coefficient=1e-3))
-    return optim.make_optimizer(cfg, schedule)
+    # The classifier is excluded by name, as SimCLR's `head_supervised`:
+    # a zero-initialised kernel would otherwise never leave zero's
+    # neighbourhood (trust ratio 1e-3 · |w| / |g|).
+    return optim.make_optimizer(
+        cfg, schedule, also_exclude=lambda path, _: _key(path[0]) == 'head')
   raise ValueError(f"unknown optimizer '{recipe.optimizer}'; known: lars, "
                    'momentum, nesterov')
 
 
+def _key(entry) -> str:
+  return str(getattr(entry, 'key', entry))
+
+
 def _is_batch_norm(path) -> bool:
-  names = [str(getattr(k, 'key', k)).lower() for k in path]
+  names = [_key(k).lower() for k in path]
   return any('bn' in n or 'norm' in n for n in names)
 
 
@@ -264,9 +286,9 @@ def fit(config: ml_collections.ConfigDict, encoder: nn.Module,
   opt_state = jax.jit(tx.init, out_shardings=replicated)(trainable)
   step = _make_step(encoder, recipe, tx)
   sharding = parallel.batch_sharding(mesh)
+  data = LabelledData(config, split, indices, batch_size=batch)
   for epoch in range(recipe.num_epochs):
-    for local in train_batches(config, split, indices, batch_size=batch,
-                               epoch=epoch, seed=recipe.seed):
+    for local in data.epoch(epoch, recipe.seed):
       global_batch = jax.tree.map(
           lambda x: jax.make_array_from_process_local_data(sharding, x),
           local)
@@ -304,9 +326,11 @@ OFFICIAL_SUBSETS = {('imagenet2012', 0.01): 'imagenet2012_subset/1pct',
 
 
 def linear_recipe(config: ml_collections.ConfigDict) -> Recipe:
-  """The `paper` linear protocol from `config.linear_eval`."""
+  """The `paper` linear protocol from `config.linear_eval`
+  (`paper_num_epochs` epochs, or `num_epochs` when it is 0)."""
   le = config.linear_eval
-  return Recipe(finetune=False, num_epochs=le.num_epochs,
+  return Recipe(finetune=False,
+                num_epochs=le.paper_num_epochs or le.num_epochs,
                 batch_size=le.batch_size,
                 base_learning_rate=le.base_learning_rate,
                 lr_scaling=le.lr_scaling,
