@@ -221,3 +221,29 @@ def test_pure_function_rejects_k_above_bank_at_trace_time():
                                  num_classes=3, block_size=4))
   with pytest.raises(ValueError, match='k=11 exceeds the bank size 10'):
     fn(queries, bank, y_bank)
+
+
+@pytest.mark.parametrize('mesh_name', ['mesh8', 'mesh1'])
+def test_exact_ties_go_to_the_lower_row_and_the_lower_class(request,
+                                                            mesh_name):
+  # Rows 3 and 11 (on different devices of 8) are the same vector, labelled
+  # 1 and 2, and the query is that vector: both neighbours are at cosine 1.
+  mesh = request.getfixturevalue(mesh_name)
+  rng = np.random.default_rng(5)
+  bank = rng.normal(size=(16, 4)).astype(np.float32)
+  bank[11] = bank[3]
+  labels = rng.integers(3, 6, size=16).astype(np.int32)
+  labels[3], labels[11] = 1, 2
+  query = bank[3:4]
+  run = functools.partial(knn.knn_accuracy, bank, labels, query, mesh=mesh,
+                          num_classes=6, temperature=0.07, block_size=2)
+  # k = 1: row 3 (label 1) comes first; k = 2: classes 1 and 2 tie on
+  # their votes, and class 1 (the lower) ranks first.
+  assert run(np.array([1], np.int32), ks=(1, 2)) == {
+      'knn_k1_top1': 1.0, 'knn_k1_top5': 1.0, 'knn_k2_top1': 1.0,
+      'knn_k2_top5': 1.0}
+  # (Top-5 of label 2 holds at k = 1 too: the classes without votes tie
+  # at 0 and rank by index, 0 and 2 before 3, 4, 5.)
+  assert run(np.array([2], np.int32), ks=(1, 2)) == {
+      'knn_k1_top1': 0.0, 'knn_k1_top5': 1.0, 'knn_k2_top1': 0.0,
+      'knn_k2_top5': 1.0}
