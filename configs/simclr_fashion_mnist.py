@@ -1,8 +1,8 @@
 """The CPU quickstart: SimCLR on offline Fashion-MNIST, then its evaluation.
 
 python -m jaxssl.main --config=configs/simclr_fashion_mnist.py --workdir=workdirs/quickstart
-Expected, on the 10,000 test images against the same encoder at random
-init: linear 87.76% vs 85.40%, kNN-20 86.00% vs 83.91%, kNN-200 82.82% vs
+Expected: on the 10,000 test images, against the same encoder at random
+init, linear 87.76% vs 85.40%, kNN-20 86.00% vs 83.91%, kNN-200 82.82% vs
 79.29%, and 76.73% after fine-tuning on 1% of the labels vs 68.97% trained
 from scratch on them; 7m52s on a 2-core CPU from a fresh clone, virtualenv
 and dataset preparation included (2026-12-07 at 7b2d5d9;
