@@ -34,6 +34,10 @@ def defaults(method: str = 'simclr') -> ml_collections.ConfigDict:
   c.seed = 0
   c.method = method
   c.global_batch_size = 256  # images per step, all processes together
+  # Micro-batches per step: the forwards run on global_batch_size /
+  # accumulation_steps examples at a time, the gradient stays the whole
+  # batch's (jaxssl.methods.micro_batches; BatchNorm per micro-batch).
+  c.accumulation_steps = 1
   c.num_epochs = 100.0  # pretraining length in epochs of the train split
   c.num_train_steps = -1  # > 0 overrides num_epochs (smoke runs, tests)
   c.log_every_steps = 50
@@ -199,6 +203,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_declared_keys(config)
   _require(config.global_batch_size > 0,
            f'global_batch_size={config.global_batch_size} must be positive')
+  _require(config.accumulation_steps > 0
+           and config.global_batch_size % config.accumulation_steps == 0,
+           f'accumulation_steps={config.accumulation_steps} must be a '
+           f'positive divisor of global_batch_size='
+           f'{config.global_batch_size}')
   _require(config.num_train_steps > 0 or config.num_epochs > 0,
            f'num_epochs={config.num_epochs} must be positive when '
            f'num_train_steps={config.num_train_steps} is not set')

@@ -45,7 +45,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_divides(global_batch_size: int, mesh: Mesh,
-                        process_count: int = 1) -> None:
+                        process_count: int = 1,
+                        accumulation_steps: int = 1) -> None:
   """Raises ValueError unless the global batch splits over devices and hosts.
 
   Each message is one line naming the global batch, the device count and,
@@ -55,6 +56,8 @@ def check_batch_divides(global_batch_size: int, mesh: Mesh,
     global_batch_size: images per step, summed over all processes.
     mesh: the training mesh.
     process_count: number of JAX processes feeding the mesh.
+    accumulation_steps: micro-batches per step, each of which is split
+      over the devices too.
   """
   devices = mesh.devices.size
   multiple = math.lcm(devices, process_count)
@@ -66,6 +69,14 @@ def check_batch_divides(global_batch_size: int, mesh: Mesh,
     raise ValueError(
         f'global_batch_size={global_batch_size} is not divisible by the '
         f'device count {devices}{hosts}; use a multiple of {multiple}')
+  micro = global_batch_size // accumulation_steps
+  if accumulation_steps > 1 and (global_batch_size % accumulation_steps
+                                 or micro % devices):
+    raise ValueError(
+        f'global_batch_size={global_batch_size} / accumulation_steps='
+        f'{accumulation_steps} is not a whole multiple of the device count '
+        f'{devices}; use a global batch that is a multiple of '
+        f'{accumulation_steps * devices}')
   if global_batch_size % process_count:
     raise ValueError(
         f'global_batch_size={global_batch_size} is not divisible by the '

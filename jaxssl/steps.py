@@ -15,6 +15,7 @@ import optax
 from jaxssl import online_probe
 from jaxssl.augment import device
 from jaxssl.methods import base
+from jaxssl.methods import micro_batches
 
 PyTree = Any
 # fold_in constant of the device augmentation's key, apart from the key the
@@ -91,7 +92,8 @@ def make_train_step(method: base.Method,
   loss, keyed by `fold_in(step key, AUGMENT_STREAM)`
   (`augment.device.finish_views`). The method sees only the batch entries
   it declares (`method.batch_keys()`); the labels reach the probe only.
-  Metrics are replicated float32 scalars.
+  Metrics are replicated float32 scalars. With `accumulation_steps` > 1
+  the gradient is still the whole batch's (`value_and_grad`).
   """
 
   def train_step(state: TrainState, batch: dict[str, Any]):
@@ -102,12 +104,7 @@ def make_train_step(method: base.Method,
     labels = batch.get('label')
     batch = {key: batch[key] for key in method.batch_keys()}
 
-    def loss_fn(params):
-      return method.loss_fn(params, state.batch_stats, state.extra, batch,
-                            rng, state.step)
-
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    (loss, aux), grads = value_and_grad(method, state, batch, rng)
     batch_stats, extra, metrics = aux.batch_stats, aux.extra, aux.metrics
     grads = method.process_grads(grads, extra, state.step)
     updates, opt_state = optimizer.update(grads, state.opt_state,
@@ -132,3 +129,41 @@ def make_train_step(method: base.Method,
     return new_state, metrics
 
   return train_step
+
+
+def value_and_grad(method: base.Method, state: TrainState,
+                   batch: dict[str, Any], rng: jax.Array):
+  """The method's loss, `Aux` and gradient for the whole global batch.
+
+  With `accumulation_steps` k > 1, a 'gradient_cache' method runs its
+  forwards in k micro-batches itself (`base.Method.accumulated`), and an
+  'average' method's loss is taken per micro-batch, its gradients averaged
+  (`micro_batches.average_value_and_grad`; its 'before_forward' EMA target
+  moves once, before the first).
+
+  Args:
+    method: the pretraining method.
+    state: the state before the step (its params are differentiated).
+    batch: the global batch with `method.batch_keys()`.
+    rng: this step's key.
+
+  Returns:
+    `((loss, aux), grads)`, as `jax.value_and_grad(has_aux=True)`.
+  """
+  k = method.run.accumulation_steps
+  if k == 1 or method.accumulation == 'gradient_cache':
+    def loss_fn(params):
+      return method.loss_fn(params, state.batch_stats, state.extra, batch,
+                            rng, state.step)
+    return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+  def micro_loss(params, batch_stats, extra, micro_batch, micro_rng):
+    return method.compute_loss(params, batch_stats, extra, micro_batch,
+                               micro_rng, state.step)
+
+  extra = method.before_forward(state.params, state.extra, state.step)
+  (loss, (stats, extra, metrics, features)), grads = (
+      micro_batches.average_value_and_grad(
+          micro_loss, state.params, state.batch_stats, extra, batch, rng, k,
+          method.mesh))
+  return (loss, base.Aux(stats, extra, metrics, features)), grads

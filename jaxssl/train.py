@@ -69,7 +69,7 @@ def setup(config: ml_collections.ConfigDict,
   config_schema.validate(config)
   mesh = parallel.make_mesh() if mesh is None else mesh
   parallel.check_batch_divides(config.global_batch_size, mesh,
-                               jax.process_count())
+                               jax.process_count(), config.accumulation_steps)
   if info is None:
     info = datasets.dataset_info(config.dataset)
   if config.global_batch_size > info.num_train_examples:

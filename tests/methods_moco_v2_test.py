@@ -170,7 +170,7 @@ def test_shuffle_bn_equals_per_device_bn_on_8_devices(mesh1, mesh8):
   k_ref, stats_ref = _official_keys_on_devices(local, mesh8, params,
                                                batch_stats, x8, perm)
   for method, xs in ((m8, x8), (m1, x)):
-    k, stats = jax.jit(method.keys)(params, batch_stats, xs, rng)
+    k, stats = jax.jit(method.keys)(params, batch_stats, xs, rng=rng)
     np.testing.assert_allclose(k, k_ref, rtol=1e-5,
                                atol=1e-5 * np.abs(k_ref).max())
     jax.tree.map(lambda a, b: np.testing.assert_allclose(
@@ -187,7 +187,7 @@ def _groups_of(i, perm, size):
 
 
 def _key_of(method, params, stats, x, rng, i):
-  return np.asarray(jax.jit(method.keys)(params, stats, x, rng)[0][i])
+  return np.asarray(jax.jit(method.keys)(params, stats, x, rng=rng)[0][i])
 
 
 @pytest.mark.parametrize('shuffle', [True, False])
@@ -308,7 +308,7 @@ def test_queue_is_replicated_and_wraps(tiny, mesh8):
         batch['views'], jax.random.fold_in(rng, steps.AUGMENT_STREAM),
         config.augment)
     k, _ = jax.jit(s.method.keys)(
-        key_params, before.extra['target']['batch_stats'], views[:, 1], rng)
+        key_params, before.extra['target']['batch_stats'], views[:, 1], rng=rng)
     ptr = int(before.extra['queue_ptr'])
     rows = slice(ptr, ptr + BATCH)
     queue = shards[0]

@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from jaxssl import cpu_kernels
 from jaxssl import models
 from jaxssl.methods import common
+from jaxssl.methods import micro_batches
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -49,6 +50,8 @@ class RunInfo:
     device_memory_bytes: memory of one device (`runtime.
       device_memory_bytes`), for size checks made before compiling; 0:
       unknown, no check.
+    accumulation_steps: micro-batches per step (`jaxssl.methods.
+      micro_batches`); BatchNorm groups are sized for one micro-batch.
   """
   mesh: Mesh
   global_batch_size: int
@@ -60,10 +63,16 @@ class RunInfo:
   total_steps: int
   factories: cpu_kernels.Factories | None = None
   device_memory_bytes: int = 0
+  accumulation_steps: int = 1
 
   @property
   def num_devices(self) -> int:
     return self.mesh.devices.size
+
+  @property
+  def micro_batch_size(self) -> int:
+    """Examples of one forward: `global_batch_size / accumulation_steps`."""
+    return self.global_batch_size // self.accumulation_steps
 
   @classmethod
   def for_config(cls, config: ml_collections.ConfigDict, *, mesh: Mesh,
@@ -77,7 +86,8 @@ class RunInfo:
                num_channels=num_channels, num_classes=num_classes,
                num_train_examples=num_train_examples,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               factories=factories, device_memory_bytes=device_memory_bytes)
+               factories=factories, device_memory_bytes=device_memory_bytes,
+               accumulation_steps=config.accumulation_steps)
 
 
 class Aux(NamedTuple):
@@ -114,6 +124,12 @@ class Method(abc.ABC):
   name: str = ''
   needs_labels: bool = False
   needs_example_index: bool = False
+  # How `accumulation_steps` > 1 keeps the whole batch's gradient
+  # (`micro_batches.ACCUMULATION_KINDS`): 'gradient_cache' for a loss that
+  # couples examples (the method wraps its forwards in `accumulated`),
+  # 'average' for a mean of per-example terms (the step averages the
+  # micro-batches' gradients).
+  accumulation: str = 'gradient_cache'
 
   def __init__(self, config: ml_collections.ConfigDict, run: RunInfo):
     """Builds the method's networks from the run config and `run`."""
@@ -126,6 +142,26 @@ class Method(abc.ABC):
     self.total_steps = run.total_steps
     self.factories = run.factories
     self.ema: common.EmaTarget | None = None
+    if self.accumulation not in micro_batches.ACCUMULATION_KINDS:
+      raise ValueError(f'{type(self).__name__}.accumulation='
+                       f'{self.accumulation!r} is not one of '
+                       f'{", ".join(micro_batches.ACCUMULATION_KINDS)}')
+
+  def accumulated(self, forward):
+    """`forward` run in the step's micro-batches (gradient cache).
+
+    A 'gradient_cache' method wraps each train-mode forward with it; with
+    `accumulation_steps` = 1, or for an 'average' method (whose step
+    already sees one micro-batch), `forward` itself is returned.
+
+    Args:
+      forward: `(params, batch_stats, inputs, **kw) -> (outputs,
+        batch_stats)`, inputs and outputs example-major (see
+        `micro_batches.micro_batched`).
+    """
+    k = (self.run.accumulation_steps
+         if self.accumulation == 'gradient_cache' else 1)
+    return micro_batches.micro_batched(forward, k, self.mesh)
 
   @classmethod
   def batch_keys(cls) -> tuple[str, ...]:
@@ -200,10 +236,16 @@ class Method(abc.ABC):
     Returns:
       `(loss, Aux)`, the loss a replicated float32 scalar.
     """
+    extra = self.before_forward(params, extra, step)
+    return self.compute_loss(params, batch_stats, extra, batch, rng, step)
+
+  def before_forward(self, params: PyTree, extra: PyTree,
+                     step: jax.Array) -> PyTree:
+    """Moves a 'before_forward' EMA target (once per step); returns extra."""
     if self.ema is not None and self.ema.timing == 'before_forward':
       extra = dict(extra, target=self.ema.update(extra['target'], params,
                                                  step))
-    return self.compute_loss(params, batch_stats, extra, batch, rng, step)
+    return extra
 
   def process_grads(self, grads: PyTree, extra: PyTree,
                     step: jax.Array) -> PyTree:

@@ -55,6 +55,7 @@ class BYOL(base.Method):
   """BYOL with per-view global BN, an EMA target and the symmetric loss."""
 
   name = 'byol'
+  accumulation = 'average'  # a mean of per-example regressions
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:

@@ -34,6 +34,8 @@ References:
   `main_moco.py`.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -73,18 +75,19 @@ class MoCoV2(base.Method):
       raise ValueError(
           f'moco_v2.queue_size={cfg.queue_size} must be a positive multiple '
           f'of global_batch_size={config.global_batch_size}')
-    if cfg.bn_groups < 0 or (
-        cfg.bn_groups and config.global_batch_size % cfg.bn_groups):
+    micro = config.global_batch_size // config.accumulation_steps
+    if cfg.bn_groups < 0 or (cfg.bn_groups and micro % cfg.bn_groups):
       raise ValueError(
           f'moco_v2.bn_groups={cfg.bn_groups} must be 0 (one per device) or '
-          f'a divisor of global_batch_size={config.global_batch_size}')
+          f'a divisor of the {micro} examples of one forward '
+          f'(global_batch_size / accumulation_steps)')
     common.check_num_views(config, 'MoCo v2 (query and key)')
     common.check_head_layers(config, 'MoCo v2', official=2)
 
   def __init__(self, config, run):
     super().__init__(config, run)
     self.bn_groups = common.resolve_bn_groups(
-        config.moco_v2.bn_groups, run.num_devices, run.global_batch_size,
+        config.moco_v2.bn_groups, run.num_devices, run.micro_batch_size,
         'moco_v2.bn_groups')
     self._check_queue_fits()
     self._encoder = self.make_encoder(bn_groups=self.bn_groups)
@@ -148,17 +151,19 @@ class MoCoV2(base.Method):
     """
     return jax.random.permutation(jax.random.fold_in(rng, _SHUFFLE_STREAM), n)
 
-  def keys(self, key_params, key_batch_stats, x: jax.Array, rng: jax.Array):
+  def keys(self, key_params, key_batch_stats, x: jax.Array, *,
+           rng: jax.Array):
     """Key projections with shuffle-BN, in the original batch order.
 
     Args:
       key_params: the key network's parameters (already momentum-updated).
       key_batch_stats: its BatchNorm statistics.
-      x: `[global_batch, H, W, C]` key images, sharded over `'data'`.
-      rng: the step key.
+      x: `[n, H, W, C]` key images of one forward (the global batch, or
+        one micro-batch of it), sharded over `'data'`.
+      rng: the step key (a micro-batch's own key under accumulation).
 
     Returns:
-      `(k, new_key_batch_stats)`: `[global_batch, dim]` float32 keys without
+      `(k, new_key_batch_stats)`: `[n, dim]` float32 keys without
       gradient, row i the key of image i.
     """
     shuffle = self.config.moco_v2.shuffle_bn and self.bn_groups > 1
@@ -177,13 +182,14 @@ class MoCoV2(base.Method):
     del step  # m is constant and the LR schedule lives in the optimizer
     cfg = self.config.moco_v2
     views = batch['views'][0]  # [N, 2, H, W, C]
-    out, new_batch_stats = common.forward(self.net, params, batch_stats,
-                                          views[:, 0])
+    out, new_batch_stats = self.accumulated(
+        functools.partial(common.forward, self.net))(params, batch_stats,
+                                                     views[:, 0])
     q = out.projection
     # extra['target'] was moved by `base.Method.loss_fn` ('before_forward').
     target = extra['target']
-    k, key_batch_stats = self.keys(target['params'], target['batch_stats'],
-                                   views[:, 1], rng)
+    k, key_batch_stats = self.accumulated(self.keys)(
+        target['params'], target['batch_stats'], views[:, 1], rng=rng)
     # A per-query loss: the global view is exact, no shard_map island needed.
     loss = losses.moco_v2_infonce(q, k, extra['queue'], cfg.temperature)
     positive_cosine, contrast_acc = common.contrast_accuracy(

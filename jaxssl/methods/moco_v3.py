@@ -124,12 +124,13 @@ class MoCoV3(base.Method):
   def compute_loss(self, params, batch_stats, extra, batch, rng, step):
     del rng  # MoCo v3's randomness is all in the host augmentations
     views = batch['views'][0]  # [N, 2, H, W, C]
-    (o1, o2), stats = common.forward_each_view(self.net, params, batch_stats,
-                                               views, predict=True)
+    forward = functools.partial(common.forward_each_view, self.net)
+    (o1, o2), stats = self.accumulated(
+        functools.partial(forward, predict=True))(params, batch_stats, views)
     # extra['target'] was moved by `base.Method.loss_fn` ('before_forward').
     target = extra['target']
-    (e1, e2), key_stats = common.forward_each_view(
-        self.net, target['params'], target['batch_stats'], views)
+    (e1, e2), key_stats = self.accumulated(forward)(
+        target['params'], target['batch_stats'], views)
     k1 = jax.lax.stop_gradient(e1.projection)
     k2 = jax.lax.stop_gradient(e2.projection)
     q1, q2 = o1.prediction, o2.prediction

@@ -98,17 +98,22 @@ class SimCLR(base.Method):
                            axis_name=common.DATA_AXIS)
     return common.island(fn, self.mesh)(z1, z2)
 
+  def _embed(self, params, batch_stats, views):
+    """`[n, V, H, W, C]` views to `[n, V, dim]` features and projections."""
+    n, v = views.shape[:2]
+    # Row-major [n*V] keeps each device's images (both views) on that device.
+    x = views.reshape((n * v,) + views.shape[2:])
+    (h, z), batch_stats = common.forward(self.net, params, batch_stats, x)
+    return (h.reshape(n, v, -1), z.reshape(n, v, -1)), batch_stats
+
   def compute_loss(self, params, batch_stats, extra, batch, rng, step):
     del rng, step  # SimCLR's randomness is all in the host augmentations
     views = batch['views'][0]  # [N, 2, H, W, C]
-    n, v = views.shape[:2]
-    # Row-major [N*2] keeps each device's images (both views) on that device.
-    x = views.reshape((n * v,) + views.shape[2:])
-    (h, z), batch_stats = common.forward(self.net, params, batch_stats, x)
-    z = z.reshape(n, v, -1)
+    (h, z), batch_stats = self.accumulated(self._embed)(params, batch_stats,
+                                                       views)
     mean_loss, metrics = self._contrastive(z[:, 0], z[:, 1])
     loss = 2.0 * mean_loss  # tf2/objective.py's mean(loss_a + loss_b)
     metrics = dict(metrics, loss=loss,
                    embedding_std=common.embedding_std(z[:, 0]))
     # Both views feed the online probe, as `head_supervised` in SimCLR TF2.
-    return loss, base.Aux(batch_stats, extra, metrics, h.reshape(n, v, -1))
+    return loss, base.Aux(batch_stats, extra, metrics, h)

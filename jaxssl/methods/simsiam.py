@@ -38,6 +38,7 @@ class SimSiam(base.Method):
   """SimSiam with per-view global BN and the symmetric negative cosine."""
 
   name = 'simsiam'
+  accumulation = 'average'  # a mean of per-example cosines
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:

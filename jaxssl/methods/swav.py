@@ -122,15 +122,17 @@ class SwAV(base.Method):
       raise ValueError(
           f'swav.epoch_queue_starts={c.epoch_queue_starts} must be >= 0')
     batch = config.global_batch_size
+    micro = batch // config.accumulation_steps
     if 0 < c.queue_length < batch:
       raise ValueError(
           f'swav.queue_length={c.queue_length} is shorter than one global '
           f'batch ({batch}); use 0 (no queue) or at least {batch}')
     group = c.bn_examples_per_group
-    if group and batch % group:
+    if group and micro % group:
       raise ValueError(
-          f'swav.bn_examples_per_group={group} must divide '
-          f'global_batch_size={batch} (0 = global BatchNorm)')
+          f'swav.bn_examples_per_group={group} must divide the {micro} '
+          'examples of one forward (global_batch_size / accumulation_steps; '
+          '0 = global BatchNorm)')
     if config.head.num_layers < 1:
       raise ValueError(f'head.num_layers={config.head.num_layers} must be '
                        '>= 1 for SwAV (1 = a linear projection)')
@@ -138,7 +140,7 @@ class SwAV(base.Method):
   def __init__(self, config, run):
     super().__init__(config, run)
     c = config.swav
-    self.bn_groups = (config.global_batch_size // c.bn_examples_per_group
+    self.bn_groups = (run.micro_batch_size // c.bn_examples_per_group
                       if c.bn_examples_per_group else 1)
     self.num_chunks = math.lcm(self.bn_groups, run.num_devices)
     # As main_swav.py: the queue holds whole global batches.
@@ -231,9 +233,10 @@ class SwAV(base.Method):
     del rng  # all randomness is in the host augmentations
     c = self.config.swav
     num_crops = sum(v.shape[1] for v in batch['views'])
-    (z, scores, features), batch_stats = common.forward(
-        self.net, params, batch_stats, batch['views'],
-        num_chunks=self.num_chunks)
+    (z, scores, features), batch_stats = self.accumulated(
+        functools.partial(common.forward, self.net,
+                          num_chunks=self.num_chunks))(params, batch_stats,
+                                                       batch['views'])
     scores_list = [scores[:, v] for v in range(num_crops)]
     metrics = {'embedding_std': common.embedding_std(z[:, 0])}
     if not self.queue_length:
