@@ -402,7 +402,7 @@ def test_setup_script_installs_missing_python_with_apt(fake_home, tmp_path):
 def test_invalid_names_fail_with_one_line(name):
   for args in (['create', '--accelerator-type=v4-32'], ['delete'], ['logs']):
     result = tpu(*args, f'--name={name}', '--zone', ZONE, '--dry-run')
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stdout == ''
     assert result.stderr.count('\n') == 1, result.stderr
     assert repr(name) in result.stderr
@@ -432,11 +432,16 @@ def test_invalid_names_fail_with_one_line(name):
      "'/no/such/config.py'"),
     (['run', '--config=config.yaml', '--workdir=gs://b/w'], "'config.yaml'"),
     (['ssh', '--worker=all'], '--command'),
+    # argparse's own errors: one line too, not usage plus a line.
+    (['run', '--config=CONFIG'], 'required: --workdir'),
+    (['logs', '--lines=x'], "'x' is not a non-negative integer"),
+    (['create', '--accelerator-type=v4-32', '--spot', '--preemptible'],
+     'not allowed with argument --spot'),
 ])
 def test_bad_values_fail_with_one_line(args, needle, config_file):
   args = [a.replace('CONFIG', str(config_file)) for a in args]
   result = tpu(args[0], *BASE, *args[1:], '--dry-run')
-  assert result.returncode == 2
+  assert result.returncode == 1
   assert result.stdout == ''
   assert result.stderr.count('\n') == 1, result.stderr
   assert result.stderr.startswith('tpu.py: error: ')
@@ -510,7 +515,7 @@ def test_failing_gcloud_stops_and_returns_its_exit_code(fake_gcloud,
 
 def test_missing_gcloud_is_reported(tmp_path):
   result = tpu('status', *BASE, env=dict(os.environ, PATH=str(tmp_path)))
-  assert result.returncode == 2
+  assert result.returncode == 1
   assert 'gcloud not found on PATH' in result.stderr
 
 
