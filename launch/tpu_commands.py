@@ -7,7 +7,9 @@ only: this runs on a laptop without jax.
 
 Files in each worker's home directory: `jaxssl-venv/` (made by `setup`; JAX
 needs Python >= 3.11, newer than Ubuntu 22.04's 3.10), and, per node NAME,
-`jaxssl_NAME_config.py` (copied by `run`), `jaxssl_NAME.log` and `.pid`.
+`jaxssl_NAME_config.py` (copied by `run`), `jaxssl_NAME.log` (the training
+output), `.pid` (the training process), `.waiter.pid` and `.exit` (its exit
+status, written when it ends).
 """
 
 import os
@@ -184,6 +186,19 @@ def _override_flag(override):
   return f'--config.{key}={value}'
 
 
+def _files(args):
+  """The per-node files in a worker's home directory, quoted for its shell.
+
+  `log` is the training output; `pid` the training process (for `stop`);
+  `waiter` the pid of the small shell that waits for it and then writes its
+  exit status to `exit`.
+  """
+  stem = _file_stem(args)
+  names = {'log': '.log', 'pid': '.pid', 'waiter': '.waiter.pid',
+           'exit': '.exit'}
+  return {key: shlex.quote(stem + suffix) for key, suffix in names.items()}
+
+
 def run_script(args, remote_config):
   """The worker shell script that starts training in the background.
 
@@ -193,29 +208,38 @@ def run_script(args, remote_config):
 
   Returns:
     One shell command string; every user value in it is shlex-quoted. It
-    refuses to start while the previous run's process is alive.
+    refuses to start while the previous run's process is alive, and returns
+    once the new process has started and its pid is recorded.
   """
   if not args.workdir.startswith('gs://'):
     raise ValueError(
         f'invalid --workdir {args.workdir!r}: use a gs:// path; the hosts of a '
         'pod share no filesystem and a TPU VM disk vanishes with the VM')
-  stem = _file_stem(args)
+  f = _files(args)
   train = [f'{VENV}/bin/python', '-m', 'jaxssl.main',
            f'--config={remote_config}', f'--workdir={args.workdir}']
   train += [_override_flag(o) for o in args.override]
   env = []
   if args.tfds_data_dir:
     env.append(f'TFDS_DATA_DIR={shlex.quote(args.tfds_data_dir)}')
-  pid_file = shlex.quote(stem + '.pid')
   # A TPU takes one process at a time: refusing beats a crash on startup.
-  guard = (f'if test -f {pid_file} && kill -0 "$(cat {pid_file})" 2>/dev/null;'
+  guard = (f'if test -f {f["pid"]} && kill -0 "$(cat {f["pid"]})" 2>/dev/null;'
            f' then echo "jaxssl is already running; use stop" >&2; exit 1; fi;')
-  # stdin/stdout/stderr all redirected, so ssh returns at once; $! is the
-  # training process (nohup execs it), recorded for `stop`.
+  # The waiter runs the training command (its "$@") in the background,
+  # records that process's pid for `stop` (a signal must reach jaxssl, not
+  # the shell), waits, and writes the exit status (128+N when killed by
+  # signal N): that file is how `up` learns that the run ended, and how.
+  waiter = (f'"$@" > {f["log"]} 2>&1 < /dev/null & echo $! > {f["pid"]}; '
+            f'wait $!; echo $? > {f["exit"]}')
+  # All of nohup's streams redirected, so ssh returns at once.
   return ' '.join([
-      'cd "$HOME";', guard, *env, 'nohup', shlex.join(train),
-      f'> {shlex.quote(stem + ".log")} 2>&1 < /dev/null &',
-      f'echo $! > {pid_file}'])
+      'cd "$HOME";', guard, f'rm -f {f["pid"]} {f["exit"]};', *env, 'nohup',
+      'sh', '-c', shlex.quote(waiter), 'sh', shlex.join(train),
+      f'> /dev/null 2>&1 < /dev/null & echo $! > {f["waiter"]};',
+      # Wait (at most 10 s) for the pid, so `stop` right after `run` works.
+      f'i=0; while ! test -s {f["pid"]} && [ "$i" -lt 100 ]; do sleep 0.1;',
+      'i=$((i + 1)); done;', f'test -s {f["pid"]} ||',
+      f'{{ echo "jaxssl did not start; see" ~/{f["log"]} >&2; exit 1; }}'])
 
 
 def run_commands(args):
@@ -259,6 +283,60 @@ def logs_commands(args):
                f'tail -n {args.lines} -F "$HOME"/{log_file}')]
 
 
+def follow_command(args, lines='+1'):
+  """Streams worker 0's log until the run ends (its exit status is written).
+
+  Args:
+    args: parsed flags (name, zone, project).
+    lines: tail's -n: `+1` from the start, or a count of last lines.
+
+  Returns:
+    The gcloud ssh argv. GNU tail's --pid ends the stream once the waiter
+    (see run_script) has exited, checking every second, after printing
+    everything written before.
+  """
+  f = _files(args)
+  return _ssh(args, '0', f'cd "$HOME"; exec tail -n {lines} -s 1 -F '
+              f'--pid="$(cat {f["waiter"]})" {f["log"]}')
+
+
+def probe_command(args):
+  """Asks worker 0 how the run stands.
+
+  Returns:
+    The gcloud ssh argv; the remote script prints one line: `exit N` (the
+    run ended with status N), `running`, or `gone` (no process and no exit
+    status: the VM restarted, or the run never started).
+  """
+  f = _files(args)
+  done = f'echo "exit $(cat {f["exit"]})"'
+  # The exit file is read again after the liveness check: the waiter writes
+  # it just before it exits.
+  return _ssh(args, '0', (
+      f'cd "$HOME"; if test -s {f["exit"]}; then {done}; elif kill -0 '
+      f'"$(cat {f["waiter"]} 2>/dev/null)" 2>/dev/null; then echo running; '
+      f'elif test -s {f["exit"]}; then {done}; else echo gone; fi'))
+
+
+def describe_command(args, queued):
+  """Prints only the state: of the node, or of its queued resource."""
+  if queued:
+    return [*TPUS, 'queued-resources', 'describe', args.name, *_where(args),
+            '--format=value(state.state)']
+  return [*TPUS, 'tpu-vm', 'describe', args.name, *_where(args),
+          '--format=value(state)']
+
+
+def delete_command(args, queued, quiet):
+  """Deletes the node, or the queued resource together with its node."""
+  if queued:
+    argv = [*TPUS, 'queued-resources', 'delete', args.name, *_where(args),
+            '--force']
+  else:
+    argv = [*TPUS, 'tpu-vm', 'delete', args.name, *_where(args)]
+  return argv + ['--quiet'] if quiet else argv
+
+
 def ssh_commands(args):
   """Opens a shell on a worker, or runs the user's own --command there."""
   if args.worker == 'all' and args.remote_command is None:
@@ -275,11 +353,4 @@ def status_commands(args):
 
 def delete_commands(args):
   """Deletes the TPU VM, or the queued resource together with its node."""
-  if args.queued:
-    argv = [*TPUS, 'queued-resources', 'delete', args.name, *_where(args),
-            '--force']
-  else:
-    argv = [*TPUS, 'tpu-vm', 'delete', args.name, *_where(args)]
-  if args.quiet:
-    argv.append('--quiet')
-  return [argv]
+  return [delete_command(args, args.queued, args.quiet)]
