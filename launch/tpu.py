@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """One-command Cloud TPU VM pod launches for jaxssl.
 
-  python launch/tpu.py create|setup|run|stop|logs|ssh|status|delete \
+  python launch/tpu.py up|down|create|setup|run|stop|logs|ssh|status|delete \
       --name=NAME --zone=ZONE [--project=PROJECT] [--dry-run] ...
 
-Every subcommand is a thin wrapper over `gcloud compute tpus ...`; `--dry-run`
+`up` is the whole run in one command: create, setup, run, follow worker 0's
+log to the end, delete, and start over from create after a spot preemption
+(launch/tpu_up.py); `down` deletes the pod if it exists. Every other
+subcommand is a thin wrapper over `gcloud compute tpus ...`. `--dry-run`
 prints the exact gcloud command lines, one per line, and runs nothing. Each
 command is built as an argv list (no local shell) by launch/tpu_commands.py.
 The command run on the workers is one string for their shell, so every user
@@ -18,7 +21,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 
+import tpu_up
 from tpu_commands import (DEFAULT_PYTHON, GCLOUD, check_name, create_commands,
                           delete_commands, logs_commands, run_commands,
                           setup_commands, ssh_commands, status_commands,
@@ -41,6 +46,25 @@ def _lines(value):
   if value.isdigit():
     return int(value)
   raise argparse.ArgumentTypeError(f'{value!r} is not a non-negative integer')
+
+
+def _count(value):
+  """argparse type for --max-preemptions: a non-negative integer."""
+  if value.isdigit():
+    return int(value)
+  raise argparse.ArgumentTypeError(f'{value!r} is not a non-negative integer')
+
+
+def _seconds(value):
+  """argparse type for --backoff: a non-negative number of seconds."""
+  try:
+    seconds = float(value)
+  except ValueError:
+    seconds = -1.0
+  if 0 <= seconds < float('inf'):
+    return seconds
+  raise argparse.ArgumentTypeError(f'{value!r} is not a number of seconds '
+                                   '>= 0')
 
 
 def _worker(value):
@@ -66,8 +90,19 @@ def _add_create_flags(parser):
   parser.add_argument(
       '--queued', action='store_true',
       help='request through a queued resource (gcloud compute tpus '
-      'queued-resources create), which waits for capacity; follow it with '
-      '`status --queued` until it is ACTIVE')
+      'queued-resources create), which waits for capacity; `up` waits until '
+      'it is ACTIVE, after `create` poll `status --queued`')
+
+
+def _add_setup_flags(parser):
+  parser.add_argument(
+      '--source', required=True,
+      help='what to pip install: git+https://github.com/ORG/jaxssl[@REF], or '
+      'a local .whl/.tar.gz that is first copied to every worker')
+  parser.add_argument(
+      '--python', default=DEFAULT_PYTHON,
+      help=f'interpreter for the venv (>= 3.11; default {DEFAULT_PYTHON}, '
+      'apt-installed when missing)')
 
 
 def _add_run_flags(parser):
@@ -85,6 +120,23 @@ def _add_run_flags(parser):
                       metavar='KEY=VALUE',
                       help='config override, passed as --config.KEY=VALUE; '
                       'repeatable')
+
+
+def _add_up_flags(parser):
+  _add_create_flags(parser)
+  _add_setup_flags(parser)
+  _add_run_flags(parser)
+  parser.add_argument('--keep', action='store_true',
+                      help='leave the pod running when the run ends')
+  parser.add_argument(
+      '--max-preemptions', type=_count, default=5,
+      help='how many times to re-create the pod after a preemption and '
+      'resume; one more preemption ends up with exit status '
+      f'{tpu_up.EXIT_PREEMPTED} (default 5)')
+  parser.add_argument(
+      '--backoff', type=_seconds, default=60,
+      help='seconds to wait before the first re-create; doubled each time, '
+      f'at most {tpu_up.BACKOFF_MAX_S} (default 60)')
 
 
 class _Parser(argparse.ArgumentParser):
@@ -109,16 +161,10 @@ def build_parser():
   subparsers = parser.add_subparsers(dest='subcommand', required=True)
   sub = {name: subparsers.add_parser(name, parents=[common],
                                      help=fn.__doc__.split('\n')[0])
-         for name, fn in COMMANDS.items()}
+         for name, fn in {**tpu_up.JOBS, **COMMANDS}.items()}
+  _add_up_flags(sub['up'])
   _add_create_flags(sub['create'])
-  sub['setup'].add_argument(
-      '--source', required=True,
-      help='what to pip install: git+https://github.com/ORG/jaxssl[@REF], or '
-      'a local .whl/.tar.gz that is first copied to every worker')
-  sub['setup'].add_argument(
-      '--python', default=DEFAULT_PYTHON,
-      help=f'interpreter for the venv (>= 3.11; default {DEFAULT_PYTHON}, '
-      'apt-installed when missing)')
+  _add_setup_flags(sub['setup'])
   _add_run_flags(sub['run'])
   sub['logs'].add_argument('--worker', type=_worker, default='0')
   sub['logs'].add_argument('--lines', type=_lines, default=100,
@@ -155,7 +201,7 @@ def _fail(message, code=1):
   return code
 
 
-def main(argv=None):
+def main(argv=None, sleep=time.sleep):
   """Parses `argv`, builds the gcloud commands, prints or runs them.
 
   Each `*_commands(args)` function (launch/tpu_commands.py) takes the
@@ -163,32 +209,43 @@ def main(argv=None):
 
   Args:
     argv: command line without the program name; `sys.argv[1:]` if None.
+    sleep: what `up` calls to wait (tests pass one that returns at once).
 
   Returns:
-    The exit code: 0, 1 for bad input, or the failing gcloud's exit code.
+    The exit code: 0, 1 for bad input, the failing gcloud's exit code, or
+    for `up` and `down` the statuses in launch/README.md.
   """
   args = build_parser().parse_args(argv)
+  job, commands = None, []
   try:
     check_single_lines(args)
     check_name(args.name)
-    commands = COMMANDS[args.subcommand](args)
+    if args.subcommand in tpu_up.JOBS:
+      job = tpu_up.JOBS[args.subcommand](args, sleep)  # checks every flag
+    else:
+      commands = COMMANDS[args.subcommand](args)
   except ValueError as e:
     return _fail(str(e))
   if args.dry_run:
-    for argv_ in commands:
-      print(shlex.join(argv_))
+    lines = job.dry_run() if job else [shlex.join(a) for a in commands]
+    print('\n'.join(lines))
     return 0
   if shutil.which(GCLOUD) is None:
     return _fail(f'{GCLOUD} not found on PATH; install the Google Cloud CLI '
                  '(https://cloud.google.com/sdk/docs/install)')
-  for argv_ in commands:
-    print(f'+ {shlex.join(argv_)}', file=sys.stderr, flush=True)
+  return job.run() if job else _run_in_order(commands)
+
+
+def _run_in_order(commands):
+  """Runs gcloud commands, echoed to stderr, until the first failure."""
+  for argv in commands:
+    print(f'+ {shlex.join(argv)}', file=sys.stderr, flush=True)
     try:
-      returncode = subprocess.run(argv_, check=False).returncode
+      returncode = subprocess.run(argv, check=False).returncode
     except KeyboardInterrupt:
       return 130
     if returncode:
-      return _fail(f'{shlex.join(argv_[:5])} failed with exit code '
+      return _fail(f'{shlex.join(argv[:5])} failed with exit code '
                    f'{returncode}', returncode)
   return 0
 
