@@ -664,7 +664,7 @@ def test_documented_commands_dry_run(doc, tmp_path):
   (tmp_path / 'dist').mkdir()
   (tmp_path / 'dist' / 'jaxssl-0.1.0-py3-none-any.whl').write_bytes(b'')
   commands = _documented_tpu_commands(REPO / doc)
-  assert {argv[2] for argv in commands} >= {'create', 'setup', 'run',
+  assert {argv[2] for argv in commands} >= {'up', 'create', 'setup', 'run',
                                             'delete'}
   for argv in commands:
     result = subprocess.run([sys.executable, str(TPU_PY), *argv[2:],
