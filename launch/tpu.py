@@ -95,6 +95,7 @@ def _add_create_flags(parser):
 
 
 def _add_setup_flags(parser):
+  """--source and --python, for setup and up."""
   parser.add_argument(
       '--source', required=True,
       help='what to pip install: git+https://github.com/ORG/jaxssl[@REF], or '
@@ -123,6 +124,7 @@ def _add_run_flags(parser):
 
 
 def _add_up_flags(parser):
+  """The flags of create, setup and run, and up's own."""
   _add_create_flags(parser)
   _add_setup_flags(parser)
   _add_run_flags(parser)

@@ -63,6 +63,7 @@ def _call(argv, capture=False):
 
 
 def _last_line(text):
+  """The last line of a command's output, for one-line messages."""
   lines = text.strip().splitlines()
   return lines[-1] if lines else '(no output)'
 
@@ -140,6 +141,7 @@ class Up:
         f'{args.max_preemptions} times.']
 
   def say(self, message):
+    """One status line on stderr."""
     print(f'tpu.py up: {message}', file=sys.stderr, flush=True)
 
   def run(self):
@@ -193,9 +195,10 @@ class Up:
     elif kind == 'failed':
       self.say(f'error: {detail}')
     else:
-      self.say(f'error: preempted {recoveries + 1} times, more than '
-               f'--max-preemptions={args.max_preemptions}; the run resumes '
-               f'from {args.workdir} when this command runs again')
+      self.say(f'error: gave up after {recoveries + 1} preemptions (or '
+               f'failed re-creates); --max-preemptions='
+               f'{args.max_preemptions}; the same command resumes the run '
+               f'from {args.workdir}')
     return code
 
   def attempt(self):
@@ -289,8 +292,8 @@ class Up:
         return self.ended(int(match.group(1)))
       if match and match.group(0) == 'gone':
         return self.failed('the run on worker 0 ended without an exit status')
-      if match:  # running: the stream dropped, ssh works
-        drops = 0
+      if match:  # running: the stream ended early, but ssh works
+        drops, why = 0, 'the log stream ended while the run goes on'
       else:
         preempted = self.preempted()
         if preempted:
@@ -299,9 +302,9 @@ class Up:
         if drops > RECONNECTS:
           return 'failed', (f'worker 0 did not answer {drops} times in a '
                             f'row: {_last_line(err)}')
-        self.say(f'worker 0 did not answer ({_last_line(err)}); trying again '
-                 f'in {RECONNECT_S} s')
-        self.sleep(RECONNECT_S)
+        why = f'worker 0 did not answer ({_last_line(err)})'
+      self.say(f'{why}; following again in {RECONNECT_S} s')
+      self.sleep(RECONNECT_S)
       follow = tc.follow_command(self.args, lines='20')  # not all again
 
   def ended(self, status):

@@ -14,7 +14,11 @@ The world is a directory ($FAKE_WORLD):
                        this pod finds it preempted;
                      "pip_exit": N: pip (setup) exits N;
                      "drops": K: the first K ssh calls to worker 0 fail
-                       with 255 while the pod stays READY.
+                       with 255 while the pod stays READY;
+                     "cut": K: the K calls after those end at once with
+                       status 0 (a stream that closed early);
+                     "hold": K: the trainer exits only once worker 0 has
+                       had K ssh calls.
       create_fails   1-based numbers of the create calls that fail
       existing       a node of that name exists before the test
       queue          the states a queued resource goes through (its last
@@ -153,11 +157,13 @@ def connect(state, worker):
   node = state['node']
   if node is not None and node['state'] == 'READY' and worker == '0':
     state['worker0_ssh'] += 1
-    spec = life_spec(node['life'])
-    if state['worker0_ssh'] <= spec.get('drops', 0):
+    spec, call = life_spec(node['life']), state['worker0_ssh']
+    drops = spec.get('drops', 0)
+    if call <= drops:
       fail('ssh: Connection reset by peer', 255)
-    if spec.get('preempt') and state['worker0_ssh'] == spec.get('drops',
-                                                                 0) + 1:
+    if call <= drops + spec.get('cut', 0):
+      sys.exit(0)
+    if spec.get('preempt') and call == drops + 1:
       preempt(state)
   if state['node'] is None or state['node']['state'] != 'READY':
     fail('ssh: connect to host 10.0.0.2 port 22: Connection timed out', 255)
@@ -205,6 +211,11 @@ def gcloud(argv):
   return next((c for c in codes if c), 0)
 
 
+def state_now():
+  """The world's state, read without the lock (it is replaced whole)."""
+  return json.loads((WORLD / 'state.json').read_text())
+
+
 def trainer(argv):
   """The venv's python: `-m pip ...` (setup) or `-m jaxssl.main ...`."""
   life, worker = int(os.environ['FAKE_LIFE']), int(os.environ['FAKE_WORKER'])
@@ -218,12 +229,14 @@ def trainer(argv):
           'TFDS_DATA_DIR': os.environ.get('TFDS_DATA_DIR')}) + '\n')
   for step in (1, 2, 3):
     print(f'fake jaxssl: pod {life} worker {worker} step {step}', flush=True)
+  while state_now()['worker0_ssh'] < spec.get('hold', 0):
+    time.sleep(0.05)
   if 'exit' in spec:
     return spec['exit']
   # Preempted: hang like a process on a dead VM until the pod is deleted.
   deadline = time.monotonic() + SSH_TIMEOUT_S
   while time.monotonic() < deadline:
-    state = json.loads((WORLD / 'state.json').read_text())
+    state = state_now()
     node = state['node']
     if state.get('over') or node is None or node['life'] != life:
       break

@@ -285,7 +285,7 @@ def test_retries_exhausted_has_its_own_status_and_deletes(world, capfd):
   assert world.state()['creates'] == 3 and world.state()['node'] is None
   # Doubling from --backoff, capped at BACKOFF_MAX_S.
   assert result.sleeps == [1000, min(2000, tpu_up.BACKOFF_MAX_S)]
-  assert 'preempted 3 times' in result.err[-1]
+  assert 'gave up after 3 preemptions' in result.err[-1]
 
 
 def test_failed_create_after_a_preemption_is_retried(world, capfd):
@@ -331,6 +331,18 @@ def test_dropped_log_stream_reconnects(world, capfd):
   assert 'tail -n +1 ' in follows[0][-1] and 'tail -n 20 ' in follows[1][-1]
   assert result.sleeps == ([tpu_up.PREEMPTION_CHECK_S] * (checks - 1)
                            + [tpu_up.RECONNECT_S])
+
+
+def test_log_stream_that_ends_early_is_followed_again(world, capfd):
+  # The first stream closes at once while the trainer still runs (it
+  # waits for worker 0's third ssh call: the second stream).
+  world.scenario(lives=[{'exit': 0, 'cut': 1, 'hold': 3}])
+  result = up(world, capfd)
+  assert result.code == 0
+  assert world.labels() == LIFE + ['follow', 'probe'] + CLEANUP
+  assert result.sleeps == [tpu_up.RECONNECT_S]
+  assert any('the log stream ended while the run goes on' in line
+             for line in result.err)
 
 
 def test_queued_resource_waits_and_recovers(world, capfd):
