@@ -293,11 +293,14 @@ def follow_command(args, lines='+1'):
   Returns:
     The gcloud ssh argv. GNU tail's --pid ends the stream once the waiter
     (see run_script) has exited, checking every second, after printing
-    everything written before.
+    everything written before. ssh's keepalive ends it within about two
+    minutes when the worker vanishes (preempted), instead of TCP's hours.
   """
   f = _files(args)
-  return _ssh(args, '0', f'cd "$HOME"; exec tail -n {lines} -s 1 -F '
+  argv = _ssh(args, '0', f'cd "$HOME"; exec tail -n {lines} -s 1 -F '
               f'--pid="$(cat {f["waiter"]})" {f["log"]}')
+  return argv[:-1] + ['--ssh-flag=-oServerAliveInterval=30',
+                      '--ssh-flag=-oServerAliveCountMax=4', argv[-1]]
 
 
 def probe_command(args):

@@ -77,7 +77,7 @@ def _state(argv):
   code, out, err = _call(argv, capture=True)
   if code == 0:
     return out.strip() or 'UNKNOWN'
-  if 'NOT_FOUND' in err or 'not found' in err:
+  if 'NOT_FOUND' in err or 'was not found' in err:
     return None
   raise GcloudError(f'{shlex.join(argv[:5])} failed with exit code {code}: '
                     f'{_last_line(err)}')

@@ -393,6 +393,9 @@ def test_dry_run_prints_the_sequence_and_runs_nothing(world):
   assert commands[-1] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'delete',
                           NAME, f'--zone={ZONE}', f'--project={PROJECT}',
                           '--quiet']
+  # A vanished worker ends the log stream within minutes.
+  assert commands[4][9:11] == ['--ssh-flag=-oServerAliveInterval=30',
+                               '--ssh-flag=-oServerAliveCountMax=4']
   assert any('at most 5 times' in line for line in comments)
   assert world.calls() == []
 
