@@ -1,299 +1,33 @@
 #!/usr/bin/env python3
 """One-command Cloud TPU VM pod launches for jaxssl.
 
-  python launch/tpu.py create|setup|run|stop|logs|ssh|status|delete \
+  python launch/tpu.py up|down|create|setup|run|stop|logs|ssh|status|delete \
       --name=NAME --zone=ZONE [--project=PROJECT] [--dry-run] ...
 
-Every subcommand is a thin wrapper over `gcloud compute tpus ...`; `--dry-run`
+`up` is the whole run in one command: create, setup, run, follow worker 0's
+log to the end, delete, and start over from create after a spot preemption
+(launch/tpu_up.py); `down` deletes the pod if it exists. Every other
+subcommand is a thin wrapper over `gcloud compute tpus ...`. `--dry-run`
 prints the exact gcloud command lines, one per line, and runs nothing. Each
-command is built as an argv list (no local shell). The command run on the
-workers is one string for their shell, so every user value in it is quoted
-with `shlex.quote`. Standard library only: this runs on a laptop without jax.
-
-Files in each worker's home directory: `jaxssl-venv/` (made by `setup`; JAX
-needs Python >= 3.11, newer than Ubuntu 22.04's 3.10), and, per node NAME,
-`jaxssl_NAME_config.py` (copied by `run`), `jaxssl_NAME.log` and `.pid`.
-The full recipe is in launch/README.md and docs/scaling.md.
+command is built as an argv list (no local shell) by launch/tpu_commands.py.
+The command run on the workers is one string for their shell, so every user
+value in it is quoted with `shlex.quote`. Standard library only: this runs on
+a laptop without jax. The full recipe is in launch/README.md and
+docs/scaling.md.
 """
 
 import argparse
-import os
-import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 
-GCLOUD = 'gcloud'
-TPUS = [GCLOUD, 'compute', 'tpus']
-VENV = 'jaxssl-venv'
-DEFAULT_PYTHON = 'python3.11'
-
-# GCP resource ids (RFC 1035): a lowercase letter, then up to 62 lowercase
-# letters, digits or hyphens, not ending with a hyphen.
-_NAME_RE = re.compile(r'[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?')
-_ACCELERATOR_RE = re.compile(r'(v[0-9]+[a-z]*)-([0-9]+)')
-_PYTHON_RE = re.compile(r'python3\.[0-9]+')
-_OVERRIDE_KEY_RE = re.compile(r'[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*', re.ASCII)
-_DIST_FILE_RE = re.compile(r'[A-Za-z0-9_.+-]+\.(?:whl|tar\.gz)')
-_CONFIG_RE = re.compile(r'(.+?\.py)(?::(.*))?')
-
-# Runtime (software) versions for JAX, from the Cloud TPU "TPU software
-# versions" page: the base images, on which pip installs jax[tpu] and libtpu.
-RUNTIME_VERSIONS = {
-    'v2': 'tpu-ubuntu2204-base',
-    'v3': 'tpu-ubuntu2204-base',
-    'v4': 'tpu-ubuntu2204-base',
-    'v5litepod': 'v2-alpha-tpuv5-lite',
-    'v5p': 'v2-alpha-tpuv5',
-    'v6e': 'v2-alpha-tpuv6e',
-}
-
-
-def check_name(name):
-  """Raises a one-line ValueError unless `name` is a valid TPU node name."""
-  if not _NAME_RE.fullmatch(name):
-    raise ValueError(
-        f'invalid TPU name {name!r}: use 1-63 lowercase letters, digits and '
-        'hyphens, starting with a letter and not ending with a hyphen')
-
-
-def default_runtime_version(accelerator_type):
-  """The TPU VM runtime version to install JAX on.
-
-  Args:
-    accelerator_type: a slice type such as `v4-32` or `v5litepod-16`.
-
-  Returns:
-    The runtime version from RUNTIME_VERSIONS for its generation.
-  """
-  match = _ACCELERATOR_RE.fullmatch(accelerator_type)
-  if not match:
-    raise ValueError(
-        f'invalid --accelerator-type {accelerator_type!r}: expected '
-        'GENERATION-SIZE, e.g. v4-32, v3-32, v5litepod-16')
-  generation = match.group(1)
-  if generation not in RUNTIME_VERSIONS:
-    raise ValueError(
-        f'no default --version for accelerator type {accelerator_type!r}; '
-        f'known generations: {", ".join(RUNTIME_VERSIONS)}; pass --version')
-  return RUNTIME_VERSIONS[generation]
-
-
-def _where(args):
-  """The --zone/--project flags every gcloud command gets."""
-  flags = [f'--zone={args.zone}']
-  if args.project:
-    flags.append(f'--project={args.project}')
-  return flags
-
-
-def _ssh(args, worker, remote_command):
-  """`gcloud ... ssh` running `remote_command` (a shell string) on workers."""
-  argv = [*TPUS, 'tpu-vm', 'ssh', args.name, *_where(args),
-          f'--worker={worker}']
-  if remote_command is not None:
-    argv.append(f'--command={remote_command}')
-  return argv
-
-
-def _scp_to_all(args, local_path, remote_path):
-  """`gcloud ... scp` copying one local file to every worker."""
-  return [*TPUS, 'tpu-vm', 'scp', local_path,
-          f'{args.name}:{remote_path}', *_where(args), '--worker=all']
-
-
-def _file_stem(args):
-  """Prefix of the per-node files in the workers' home directories."""
-  return f'jaxssl_{args.name}'
-
-
-def create_commands(args):
-  """Creates the TPU VM (on-demand, spot or preemptible) or queues it."""
-  version = args.version or default_runtime_version(args.accelerator_type)
-  if args.queued:
-    if args.preemptible:
-      raise ValueError('--preemptible is not offered for queued resources; '
-                       'use --spot with --queued')
-    # The queued resource and the node it provisions share the name, so every
-    # other subcommand (ssh, scp, delete) addresses the node by --name.
-    argv = [*TPUS, 'queued-resources', 'create', args.name,
-            f'--node-id={args.name}', *_where(args),
-            f'--accelerator-type={args.accelerator_type}',
-            f'--runtime-version={version}']
-  else:
-    argv = [*TPUS, 'tpu-vm', 'create', args.name, *_where(args),
-            f'--accelerator-type={args.accelerator_type}',
-            f'--version={version}']
-  if args.spot:
-    argv.append('--spot')
-  if args.preemptible:
-    argv.append('--preemptible')
-  return [argv]
-
-
-def _install_requirement(source):
-  """(local file to copy or None, pip requirement string) for `--source`."""
-  if source.startswith(('git+', 'https://', 'http://')):
-    return None, f'jaxssl[tpu] @ {source}'
-  base = os.path.basename(source)
-  if not _DIST_FILE_RE.fullmatch(base):
-    raise ValueError(
-        f'invalid --source {source!r}: expected git+URL[@REF] or a local '
-        '.whl/.tar.gz file (build one with: pip wheel --no-deps -w dist .)')
-  if not os.path.isfile(source):
-    raise ValueError(f'--source file {source!r} does not exist')
-  return source, f'./{base}[tpu]'
-
-
-def setup_script(python, requirement):
-  """The worker shell script that installs jaxssl into `~/jaxssl-venv`.
-
-  Args:
-    python: interpreter name, `python3.N`; apt installs it (and its venv
-      module) when missing.
-    requirement: the pip requirement, quoted here for the remote shell.
-
-  Returns:
-    One shell command string, the same for every worker.
-  """
-  if not _PYTHON_RE.fullmatch(python):
-    raise ValueError(f'invalid --python {python!r}: expected e.g. python3.11')
-  apt = 'sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600'
-  pip = f'{VENV}/bin/python -m pip'
-  return '; '.join([
-      'set -e',
-      'cd "$HOME"',
-      # Install the interpreter only when it (or its venv module) is missing.
-      f"{python} -c 'import ensurepip, venv' 2>/dev/null || "
-      f'{{ {apt} update -q && {apt} install -y -q {python} {python}-venv; }}',
-      f'{python} -m venv {VENV}',
-      f'{pip} install -q --upgrade pip',
-      f'{pip} install --upgrade {shlex.quote(requirement)}',
-  ])
-
-
-def setup_commands(args):
-  """Installs jaxssl[tpu] into a fresh virtualenv on every worker."""
-  local_file, requirement = _install_requirement(args.source)
-  script = setup_script(args.python, requirement)
-  commands = []
-  if local_file is not None:
-    commands.append(_scp_to_all(args, local_file, os.path.basename(local_file)))
-  commands.append(_ssh(args, 'all', script))
-  return commands
-
-
-def _override_flag(override):
-  """`key=value` -> `--config.key=value`, checking the key."""
-  key, sep, value = override.partition('=')
-  if not sep or not _OVERRIDE_KEY_RE.fullmatch(key):
-    raise ValueError(
-        f'invalid --override {override!r}: expected KEY=VALUE with a dotted '
-        'config key, e.g. global_batch_size=4096 or optim.base_lr=0.3')
-  return f'--config.{key}={value}'
-
-
-def run_script(args, remote_config):
-  """The worker shell script that starts training in the background.
-
-  Args:
-    args: parsed `run` flags (workdir, tfds_data_dir, override).
-    remote_config: the `--config` value on the workers (file[:arg]).
-
-  Returns:
-    One shell command string; every user value in it is shlex-quoted. It
-    refuses to start while the previous run's process is alive.
-  """
-  if not args.workdir.startswith('gs://'):
-    raise ValueError(
-        f'invalid --workdir {args.workdir!r}: use a gs:// path; the hosts of a '
-        'pod share no filesystem and a TPU VM disk vanishes with the VM')
-  stem = _file_stem(args)
-  train = [f'{VENV}/bin/python', '-m', 'jaxssl.main',
-           f'--config={remote_config}', f'--workdir={args.workdir}']
-  train += [_override_flag(o) for o in args.override]
-  env = []
-  if args.tfds_data_dir:
-    env.append(f'TFDS_DATA_DIR={shlex.quote(args.tfds_data_dir)}')
-  pid_file = shlex.quote(stem + '.pid')
-  # A TPU takes one process at a time: refusing beats a crash on startup.
-  guard = (f'if test -f {pid_file} && kill -0 "$(cat {pid_file})" 2>/dev/null;'
-           f' then echo "jaxssl is already running; use stop" >&2; exit 1; fi;')
-  # stdin/stdout/stderr all redirected, so ssh returns at once; $! is the
-  # training process (nohup execs it), recorded for `stop`.
-  return ' '.join([
-      'cd "$HOME";', guard, *env, 'nohup', shlex.join(train),
-      f'> {shlex.quote(stem + ".log")} 2>&1 < /dev/null &',
-      f'echo $! > {pid_file}'])
-
-
-def run_commands(args):
-  """Copies the config to every worker, then starts training on all of them."""
-  match = _CONFIG_RE.fullmatch(args.config)
-  if not match:
-    raise ValueError(f'invalid --config {args.config!r}: expected a .py file, '
-                     'optionally followed by :ARG')
-  local_config, config_arg = match.group(1), match.group(2)
-  if not os.path.isfile(local_config):
-    raise ValueError(f'--config file {local_config!r} does not exist')
-  remote_config = f'{_file_stem(args)}_config.py'
-  remote_flag = remote_config if config_arg is None else (
-      f'{remote_config}:{config_arg}')
-  return [_scp_to_all(args, local_config, remote_config),
-          _ssh(args, 'all', run_script(args, remote_flag))]
-
-
-def stop_commands(args):
-  """Stops the training process started by `run` on every worker.
-
-  SIGTERM first: every process finishes its step, saves a checkpoint and
-  exits (docs/failures.md); a process still alive after --grace seconds is
-  killed with SIGKILL (it then resumes from the checkpoint before).
-  """
-  pid_file = shlex.quote(_file_stem(args) + '.pid')
-  script = (f'cd "$HOME"; if test -f {pid_file}; then p="$(cat {pid_file})"; '
-            'kill -TERM "$p" 2>/dev/null; i=0; '
-            # A zombie (exited, not yet reaped) counts as stopped.
-            'while kill -0 "$p" 2>/dev/null && [ "$(ps -o stat= -p "$p" | '
-            f'cut -c1)" != Z ] && [ "$i" -lt {args.grace} ]; '
-            'do sleep 1; i=$((i + 1)); done; '
-            f'kill -KILL "$p" 2>/dev/null; fi; rm -f {pid_file}')
-  return [_ssh(args, 'all', script)]
-
-
-def logs_commands(args):
-  """Streams a worker's training log (worker 0 prints the progress)."""
-  log_file = shlex.quote(_file_stem(args) + '.log')
-  return [_ssh(args, args.worker,
-               f'tail -n {args.lines} -F "$HOME"/{log_file}')]
-
-
-def ssh_commands(args):
-  """Opens a shell on a worker, or runs the user's own --command there."""
-  if args.worker == 'all' and args.remote_command is None:
-    raise ValueError('--worker=all needs --command; an interactive shell '
-                     'opens on one worker')
-  return [_ssh(args, args.worker, args.remote_command)]
-
-
-def status_commands(args):
-  """Describes the node (or the queued resource and its state)."""
-  kind = 'queued-resources' if args.queued else 'tpu-vm'
-  return [[*TPUS, kind, 'describe', args.name, *_where(args)]]
-
-
-def delete_commands(args):
-  """Deletes the TPU VM, or the queued resource together with its node."""
-  if args.queued:
-    argv = [*TPUS, 'queued-resources', 'delete', args.name, *_where(args),
-            '--force']
-  else:
-    argv = [*TPUS, 'tpu-vm', 'delete', args.name, *_where(args)]
-  if args.quiet:
-    argv.append('--quiet')
-  return [argv]
-
+import tpu_up
+from tpu_commands import (DEFAULT_PYTHON, GCLOUD, check_name, create_commands,
+                          delete_commands, logs_commands, run_commands,
+                          setup_commands, ssh_commands, status_commands,
+                          stop_commands)
 
 COMMANDS = {
     'create': create_commands,
@@ -312,6 +46,25 @@ def _lines(value):
   if value.isdigit():
     return int(value)
   raise argparse.ArgumentTypeError(f'{value!r} is not a non-negative integer')
+
+
+def _count(value):
+  """argparse type for --max-preemptions: a non-negative integer."""
+  if value.isdigit():
+    return int(value)
+  raise argparse.ArgumentTypeError(f'{value!r} is not a non-negative integer')
+
+
+def _seconds(value):
+  """argparse type for --backoff: a non-negative number of seconds."""
+  try:
+    seconds = float(value)
+  except ValueError:
+    seconds = -1.0
+  if 0 <= seconds < float('inf'):
+    return seconds
+  raise argparse.ArgumentTypeError(f'{value!r} is not a number of seconds '
+                                   '>= 0')
 
 
 def _worker(value):
@@ -337,8 +90,20 @@ def _add_create_flags(parser):
   parser.add_argument(
       '--queued', action='store_true',
       help='request through a queued resource (gcloud compute tpus '
-      'queued-resources create), which waits for capacity; follow it with '
-      '`status --queued` until it is ACTIVE')
+      'queued-resources create), which waits for capacity; `up` waits until '
+      'it is ACTIVE, after `create` poll `status --queued`')
+
+
+def _add_setup_flags(parser):
+  """--source and --python, for setup and up."""
+  parser.add_argument(
+      '--source', required=True,
+      help='what to pip install: git+https://github.com/ORG/jaxssl[@REF], or '
+      'a local .whl/.tar.gz that is first copied to every worker')
+  parser.add_argument(
+      '--python', default=DEFAULT_PYTHON,
+      help=f'interpreter for the venv (>= 3.11; default {DEFAULT_PYTHON}, '
+      'apt-installed when missing)')
 
 
 def _add_run_flags(parser):
@@ -358,6 +123,31 @@ def _add_run_flags(parser):
                       'repeatable')
 
 
+def _add_up_flags(parser):
+  """The flags of create, setup and run, and up's own."""
+  _add_create_flags(parser)
+  _add_setup_flags(parser)
+  _add_run_flags(parser)
+  parser.add_argument('--keep', action='store_true',
+                      help='leave the pod running when the run ends')
+  parser.add_argument(
+      '--max-preemptions', type=_count, default=5,
+      help='how many times to re-create the pod after a preemption and '
+      'resume; one more preemption ends up with exit status '
+      f'{tpu_up.EXIT_PREEMPTED} (default 5)')
+  parser.add_argument(
+      '--backoff', type=_seconds, default=60,
+      help='seconds to wait before the first re-create; doubled each time, '
+      f'at most {tpu_up.BACKOFF_MAX_S} (default 60)')
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse, but a usage error is one line and exit status 1."""
+
+  def error(self, message):
+    sys.exit(_fail(message))
+
+
 def build_parser():
   """The command line: one subcommand per entry of COMMANDS."""
   common = argparse.ArgumentParser(add_help=False)
@@ -367,22 +157,16 @@ def build_parser():
                       help='GCP project id (default: gcloud config)')
   common.add_argument('--dry-run', action='store_true',
                       help='print the gcloud commands, one per line; run none')
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog='tpu.py', description=__doc__.split('\n', 1)[0],
       epilog='See docs/scaling.md for the complete recipe.')
   subparsers = parser.add_subparsers(dest='subcommand', required=True)
   sub = {name: subparsers.add_parser(name, parents=[common],
                                      help=fn.__doc__.split('\n')[0])
-         for name, fn in COMMANDS.items()}
+         for name, fn in {**tpu_up.JOBS, **COMMANDS}.items()}
+  _add_up_flags(sub['up'])
   _add_create_flags(sub['create'])
-  sub['setup'].add_argument(
-      '--source', required=True,
-      help='what to pip install: git+https://github.com/ORG/jaxssl[@REF], or '
-      'a local .whl/.tar.gz that is first copied to every worker')
-  sub['setup'].add_argument(
-      '--python', default=DEFAULT_PYTHON,
-      help=f'interpreter for the venv (>= 3.11; default {DEFAULT_PYTHON}, '
-      'apt-installed when missing)')
+  _add_setup_flags(sub['setup'])
   _add_run_flags(sub['run'])
   sub['logs'].add_argument('--worker', type=_worker, default='0')
   sub['logs'].add_argument('--lines', type=_lines, default=100,
@@ -413,45 +197,57 @@ def check_single_lines(args):
                          'every value must be a single line')
 
 
-def _fail(message, code=2):
+def _fail(message, code=1):
+  """Prints one error line on stderr; returns the exit status `code`."""
   print(f'tpu.py: error: {message}', file=sys.stderr)
   return code
 
 
-def main(argv=None):
+def main(argv=None, sleep=time.sleep):
   """Parses `argv`, builds the gcloud commands, prints or runs them.
 
-  Each `*_commands(args)` function above takes the parsed flags and returns
-  the list of gcloud argv lists to run in order.
+  Each `*_commands(args)` function (launch/tpu_commands.py) takes the
+  parsed flags and returns the list of gcloud argv lists to run in order.
 
   Args:
     argv: command line without the program name; `sys.argv[1:]` if None.
+    sleep: what `up` calls to wait (tests pass one that returns at once).
 
   Returns:
-    The exit code: 0, 2 for bad input, or the failing gcloud's exit code.
+    The exit code: 0, 1 for bad input, the failing gcloud's exit code, or
+    for `up` and `down` the statuses in launch/README.md.
   """
   args = build_parser().parse_args(argv)
+  job, commands = None, []
   try:
     check_single_lines(args)
     check_name(args.name)
-    commands = COMMANDS[args.subcommand](args)
+    if args.subcommand in tpu_up.JOBS:
+      job = tpu_up.JOBS[args.subcommand](args, sleep)  # checks every flag
+    else:
+      commands = COMMANDS[args.subcommand](args)
   except ValueError as e:
     return _fail(str(e))
   if args.dry_run:
-    for argv_ in commands:
-      print(shlex.join(argv_))
+    lines = job.dry_run() if job else [shlex.join(a) for a in commands]
+    print('\n'.join(lines))
     return 0
   if shutil.which(GCLOUD) is None:
     return _fail(f'{GCLOUD} not found on PATH; install the Google Cloud CLI '
                  '(https://cloud.google.com/sdk/docs/install)')
-  for argv_ in commands:
-    print(f'+ {shlex.join(argv_)}', file=sys.stderr, flush=True)
+  return job.run() if job else _run_in_order(commands)
+
+
+def _run_in_order(commands):
+  """Runs gcloud commands, echoed to stderr, until the first failure."""
+  for argv in commands:
+    print(f'+ {shlex.join(argv)}', file=sys.stderr, flush=True)
     try:
-      returncode = subprocess.run(argv_, check=False).returncode
+      returncode = subprocess.run(argv, check=False).returncode
     except KeyboardInterrupt:
       return 130
     if returncode:
-      return _fail(f'{shlex.join(argv_[:5])} failed with exit code '
+      return _fail(f'{shlex.join(argv[:5])} failed with exit code '
                    f'{returncode}', returncode)
   return 0
 

@@ -207,11 +207,15 @@ def test_run_v4_32(config_file):
   tokens = shlex.split(remote(ssh))
   start = tokens.index('nohup')
   assert tokens[start - 1] == 'TFDS_DATA_DIR=gs://bucket/tensorflow_datasets'
-  assert tokens[start + 1:start + 8] == [
-      'jaxssl-venv/bin/python', '-m', 'jaxssl.main', f'--config={config}',
+  # nohup sh -c WAITER sh TRAIN...: the waiter runs "$@" into the log.
+  assert tokens[start + 1:start + 3] == ['sh', '-c']
+  assert shlex.split(tokens[start + 3])[:4] == [
+      '$@', '>', f'jaxssl_{NAME}.log', '2>&1']
+  assert tokens[start + 4:start + 12] == [
+      'sh', 'jaxssl-venv/bin/python', '-m', 'jaxssl.main', f'--config={config}',
       '--workdir=gs://bucket/simclr', '--config.global_batch_size=4096',
       '--config.optim.base_lr=0.3']
-  assert tokens[start + 8:start + 10] == ['>', f'jaxssl_{NAME}.log']
+  assert tokens[start + 12:start + 14] == ['>', '/dev/null']
 
 
 def test_run_keeps_config_argument(config_file):
@@ -304,6 +308,62 @@ def test_run_script_refuses_while_training_runs(fake_home, config_file):
   assert result.returncode == 1
   assert 'already running' in result.stderr
   assert not record.exists()
+
+
+def wait_for_text(path, timeout=10.0):
+  """The contents of `path` once it is non-empty (written in background)."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if path.exists() and path.read_text():
+      return path.read_text()
+    time.sleep(0.05)
+  raise AssertionError(f'{path} stayed empty')
+
+
+def fake_trainer(home, body):
+  """Makes the venv's python a shell script: `body` plays jaxssl."""
+  write_script(home / 'jaxssl-venv' / 'bin' / 'python', f'#!/bin/sh\n{body}')
+
+
+@pytest.mark.parametrize('shell', SHELLS)
+@pytest.mark.parametrize('status', [0, 3, 75])
+def test_run_script_records_the_exit_status(shell, status, fake_home,
+                                            config_file):
+  home, _, _ = fake_home
+  fake_trainer(home, f'echo "training $*"\nexit {status}\n')
+  _, ssh = dry('run', *BASE, f'--config={config_file}', '--workdir=gs://b/w')
+  assert run_remote(shell, remote(ssh), home).returncode == 0
+  assert wait_for_text(home / f'jaxssl_{NAME}.exit') == f'{status}\n'
+  assert (home / f'jaxssl_{NAME}.log').read_text() == (
+      f'training -m jaxssl.main --config=jaxssl_{NAME}_config.py '
+      '--workdir=gs://b/w\n')
+
+
+def test_run_script_clears_the_previous_exit_status(fake_home, config_file):
+  home, _, _ = fake_home
+  (home / f'jaxssl_{NAME}.exit').write_text('1\n')  # a run before this one
+  fake_trainer(home, 'exec sleep 60\n')
+  _, ssh = dry('run', *BASE, f'--config={config_file}', '--workdir=gs://b/w')
+  assert run_remote('sh', remote(ssh), home).returncode == 0
+  pid = int((home / f'jaxssl_{NAME}.pid').read_text())
+  try:
+    assert not (home / f'jaxssl_{NAME}.exit').exists()
+  finally:
+    os.kill(pid, 9)
+  assert wait_for_text(home / f'jaxssl_{NAME}.exit') == '137\n'  # 128 + 9
+
+
+def test_stop_reaches_the_training_process_not_the_waiter(fake_home,
+                                                         config_file):
+  home, _, _ = fake_home
+  fake_trainer(home, 'echo $$ > trainer.pid\nexec sleep 60\n')
+  _, ssh = dry('run', *BASE, f'--config={config_file}', '--workdir=gs://b/w')
+  assert run_remote('sh', remote(ssh), home).returncode == 0
+  trainer_pid = wait_for_text(home / 'trainer.pid')
+  assert (home / f'jaxssl_{NAME}.pid').read_text() == trainer_pid
+  (stop,) = dry('stop', *BASE, '--grace=10')
+  assert run_remote('sh', remote(stop), home).returncode == 0
+  assert wait_for_text(home / f'jaxssl_{NAME}.exit') == '143\n'  # 128 + 15
 
 
 def test_stop_script_kills_the_recorded_process(tmp_path):
@@ -402,7 +462,7 @@ def test_setup_script_installs_missing_python_with_apt(fake_home, tmp_path):
 def test_invalid_names_fail_with_one_line(name):
   for args in (['create', '--accelerator-type=v4-32'], ['delete'], ['logs']):
     result = tpu(*args, f'--name={name}', '--zone', ZONE, '--dry-run')
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stdout == ''
     assert result.stderr.count('\n') == 1, result.stderr
     assert repr(name) in result.stderr
@@ -432,11 +492,16 @@ def test_invalid_names_fail_with_one_line(name):
      "'/no/such/config.py'"),
     (['run', '--config=config.yaml', '--workdir=gs://b/w'], "'config.yaml'"),
     (['ssh', '--worker=all'], '--command'),
+    # argparse's own errors: one line too, not usage plus a line.
+    (['run', '--config=CONFIG'], 'required: --workdir'),
+    (['logs', '--lines=x'], "'x' is not a non-negative integer"),
+    (['create', '--accelerator-type=v4-32', '--spot', '--preemptible'],
+     'not allowed with argument --spot'),
 ])
 def test_bad_values_fail_with_one_line(args, needle, config_file):
   args = [a.replace('CONFIG', str(config_file)) for a in args]
   result = tpu(args[0], *BASE, *args[1:], '--dry-run')
-  assert result.returncode == 2
+  assert result.returncode == 1
   assert result.stdout == ''
   assert result.stderr.count('\n') == 1, result.stderr
   assert result.stderr.startswith('tpu.py: error: ')
@@ -510,7 +575,7 @@ def test_failing_gcloud_stops_and_returns_its_exit_code(fake_gcloud,
 
 def test_missing_gcloud_is_reported(tmp_path):
   result = tpu('status', *BASE, env=dict(os.environ, PATH=str(tmp_path)))
-  assert result.returncode == 2
+  assert result.returncode == 1
   assert 'gcloud not found on PATH' in result.stderr
 
 
@@ -599,7 +664,7 @@ def test_documented_commands_dry_run(doc, tmp_path):
   (tmp_path / 'dist').mkdir()
   (tmp_path / 'dist' / 'jaxssl-0.1.0-py3-none-any.whl').write_bytes(b'')
   commands = _documented_tpu_commands(REPO / doc)
-  assert {argv[2] for argv in commands} >= {'create', 'setup', 'run',
+  assert {argv[2] for argv in commands} >= {'up', 'create', 'setup', 'run',
                                             'delete'}
   for argv in commands:
     result = subprocess.run([sys.executable, str(TPU_PY), *argv[2:],
