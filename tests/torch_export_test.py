@@ -164,6 +164,20 @@ def test_the_json_says_what_the_model_expects():
                            'step': 8}
 
 
+def test_the_docs_max_pool_is_the_recipes():
+  with open(os.path.join(REPO, 'docs', 'evaluation.md')) as f:
+    text = f.read()
+  section = text[text.index('## In PyTorch (torchvision)'):]
+  start = section.index('```python\n') + len('```python\n')
+  documented = section[start:section.index('```', start)]
+  recipe = torch_export.recipe(_spec('resnet50', image_size=224))
+  code = [line for line in recipe.splitlines()
+          if line.strip() and not line.strip().startswith('#')]
+  start = code.index('class SamePadMaxPool(nn.Module):')
+  assert [line for line in documented.splitlines()
+          if line.strip()][2:] == code[start:start + 6]
+
+
 def test_export_writes_the_weights_and_the_json(tmp_path):
   spec = _spec('resnet18', stem='cifar')
   _, variables = _random_variables(spec)
