@@ -4,6 +4,7 @@
       --workdir=workdirs/quickstart [--config.key=value ...]
   python -m jaxssl.main --mode=eval --config=... --workdir=RUN [--source=DIR]
   python -m jaxssl.main --mode=export --config=... --workdir=RUN
+  python -m jaxssl.main --mode=export --format=torch --config=... --workdir=RUN
   python -m jaxssl.main --mode=preview --config=... --out=views.png
   python -m jaxssl.main --mode=pictures --config=... --workdir=RUN
 
@@ -31,12 +32,18 @@ _MODE = flags.DEFINE_enum(
     'mode', 'train', ['train', 'eval', 'export', 'preview', 'pictures'],
     'train: pretrain (auto-resumes), export, and evaluate if the config says '
     'so; eval: linear probe, kNN and health metrics of --source; export: '
-    'write the encoder of the latest checkpoint to <workdir>/export; '
+    'write the encoder of the latest checkpoint (or of --source) to '
+    '<workdir>/export (--format=torch: <workdir>/torch_export); '
     'preview: PNG grid of views; pictures: training curves and kNN '
     'retrieval grid of --source into --workdir.')
 _SOURCE = flags.DEFINE_string(
-    'source', None, 'eval, pictures: an exported encoder or a training '
-    'workdir (default: --workdir).')
+    'source', None, 'eval, pictures, export: an exported encoder or a '
+    'training workdir (default: --workdir).')
+_FORMAT = flags.DEFINE_enum(
+    'format', 'orbax', ['orbax', 'torch'],
+    'export: orbax (<workdir>/export, what --mode=eval loads) or torch '
+    '(<workdir>/torch_export/encoder.safetensors with torchvision ResNet '
+    'names and layouts, and encoder.json: input, stem, recipe).')
 _OUT = flags.DEFINE_string('out', 'views.png', 'preview: output PNG path.')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0, for multi-process '
@@ -103,6 +110,9 @@ def _run_mode(mode: str) -> None:
     raise app.UsageError('--config is required (a file in configs/)')
   from jaxssl import command_line, config_schema  # pylint: disable=g-import-not-at-top
   config_schema.validate(config)
+  if _FORMAT.value != 'orbax' and mode != 'export':
+    raise ValueError(f'--format={_FORMAT.value} applies to --mode=export '
+                     f'only; got --mode={mode}')
   if mode == 'preview':
     command_line.check_writable_file('out', _OUT.value)
     from jaxssl import preview  # pylint: disable=g-import-not-at-top
@@ -123,7 +133,8 @@ def _run_mode(mode: str) -> None:
     evaluate.run(config, _SOURCE.value or _WORKDIR.value,
                  parallel.make_mesh())
   elif mode == 'export':
-    train.export_latest(_WORKDIR.value)
+    train.export_latest(_WORKDIR.value, export_format=_FORMAT.value,
+                        source=_SOURCE.value)
   elif mode == 'pictures':
     from jaxssl.evaluation import retrieval  # pylint: disable=g-import-not-at-top
     mesh = parallel.make_mesh()

@@ -31,6 +31,7 @@ from jaxssl import reporting
 from jaxssl import runtime
 from jaxssl import resume_guard
 from jaxssl import steps
+from jaxssl import torch_export
 from jaxssl.evaluation import retrieval
 from jaxssl.evaluation import suite
 
@@ -348,17 +349,35 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   return {'step': int(np.asarray(state.step)), 'eval': results}
 
 
-def export_latest(workdir: str) -> str:
-  """Exports the encoder of `workdir`'s latest checkpoint to its export/.
+def export_latest(workdir: str, *, export_format: str = 'orbax',
+                  source: str | None = None) -> str:
+  """Exports the encoder of `workdir`'s latest checkpoint.
 
   Only the encoder is read from the checkpoint (a partial restore).
+
+  Args:
+    workdir: the run directory; the export goes to its `export/` ('orbax')
+      or `torch_export/` ('torch').
+    export_format: 'orbax' (`jaxssl.encoder_export`, what evaluation loads)
+      or 'torch' (`jaxssl.torch_export`: torchvision safetensors + JSON).
+    source: read the encoder from here instead (an exported encoder or
+      another training workdir).
+
+  Returns:
+    The directory written.
   """
   mesh = parallel.make_mesh()
-  spec, _, variables = evaluate.load_encoder(workdir, mesh,
+  spec, _, variables = evaluate.load_encoder(source or workdir, mesh,
                                              prefer_export=False)
-  destination = str(epath.Path(workdir) / encoder_export.EXPORT_SUBDIR)
-  encoder_export.export_encoder(destination, variables, spec)
+  if export_format == 'torch':
+    destination = str(epath.Path(workdir) / torch_export.TORCH_SUBDIR)
+    weights = torch_export.export_torch(destination, variables, spec)
+    what = (f'as torchvision {spec["model"]["encoder"]} to {weights} '
+            f'(and {torch_export.SPEC_FILE})')
+  else:
+    destination = str(epath.Path(workdir) / encoder_export.EXPORT_SUBDIR)
+    encoder_export.export_encoder(destination, variables, spec)
+    what = f'to {destination}'
   if jax.process_index() == 0:
-    print(f'exported the encoder at step {spec["step"]} to {destination}',
-          flush=True)
+    print(f'exported the encoder at step {spec["step"]} {what}', flush=True)
   return destination

@@ -14,6 +14,12 @@ shortcut is used only where the shape changes (stride > 1 or a different
 channel count), as in torchvision and Haiku. SimCLR's TF code also projects
 in the first block of ResNet-18/34's first stage (64 -> 64 channels, stride
 1); ResNet-50 and deeper are identical either way.
+
+Padding, against torchvision's ResNet: the convs match (SimCLR's fixed
+padding, `layers.Conv`, is symmetric for odd kernels), but the ImageNet
+stem's max-pool pads 'SAME' as SimCLR's TF code does, which for an even
+side puts the windows one pixel below and right of torchvision's
+`MaxPool2d(3, 2, padding=1)`; `jaxssl.torch_export`'s recipe pads likewise.
 """
 
 import functools
