@@ -1,9 +1,9 @@
 """Dataset facts and epoch arithmetic: what a step needs, without TensorFlow.
 
-`DatasetInfo` (re-exported by `jaxssl.datasets`) and the shard and
-steps-per-epoch rules of the pipeline (re-exported by
-`jaxssl.input_pipeline`, whose module docstring states the data order) live
-here so that the trainer's step can be built where TensorFlow and tfds are
+`DatasetInfo` and `IMAGE_FOLDER` (re-exported by `jaxssl.datasets`) and
+the shard and steps-per-epoch rules of the pipeline (re-exported by
+`jaxssl.input_pipeline`, whose module docstring states the data order)
+live here so that the trainer's step can be built where TensorFlow and tfds are
 not installed: `jaxssl.step_setup`, the benchmarks and the accelerator
 check (`benchmarks/device_check.py`).
 """
@@ -12,6 +12,8 @@ import dataclasses
 
 import jax
 import ml_collections
+
+IMAGE_FOLDER = 'image_folder'  # dataset.name of `datasets`' image folders
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import download_manager
 
-from jaxssl.data_facts import DatasetInfo  # re-exported; no TF
+from jaxssl.data_facts import DatasetInfo, IMAGE_FOLDER  # re-exported; no TF
 
 try:
   # TF only feeds the host pipeline (on CPU); it must not reserve accelerator
@@ -39,7 +39,6 @@ except RuntimeError:  # TF's devices were initialised before this import.
 FASHION_MNIST_DIR_ENV = 'JAXSSL_FASHION_MNIST_DIR'
 DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_APT = 'sudo apt-get install -y dataset-fashion-mnist'
-IMAGE_FOLDER = 'image_folder'
 
 # Debian's package keeps upstream's DEFLATE streams and CRC/size trailers
 # byte for byte but rewrites the 10-byte gzip header: it drops the original
