@@ -18,6 +18,7 @@ import pytest
 
 from jaxssl.bench import flops as flops_lib
 from jaxssl.bench import harness
+from jaxssl.bench import synthetic_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'configs', 'simclr_tiny.py')
@@ -205,7 +206,6 @@ def test_train_runs_the_step_on_synthetic_data():
 
 
 def test_synthetic_pool_views_share_their_image():
-  from jaxssl.bench import synthetic_train  # pylint: disable=g-import-not-at-top
   config = harness.load_config(TINY, batch=4)
   pool = synthetic_train.synthetic_pool(config, 1, 2)
   assert len(pool) == 2
