@@ -194,13 +194,15 @@ def run_all(chosen, *, dry_run: bool, budget_s: float, env: dict):
 
 
 def _git_commit() -> str | None:
+  """git's HEAD, else `$DEVICE_CHECK_COMMIT` (a copied tree may lack .git)."""
   try:
     done = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO,
                           capture_output=True, text=True, timeout=10,
                           check=False)
+    commit = done.stdout.strip()
   except (OSError, subprocess.TimeoutExpired):
-    return None
-  return done.stdout.strip() or None
+    commit = ''
+  return commit or os.environ.get('DEVICE_CHECK_COMMIT') or None
 
 
 def _blocked_attempts(log_path: str) -> list[str]:

@@ -188,7 +188,7 @@ def sections() -> list[Section]:
                                  '--steps', '10', '--warmup', '2',
                                  '--case-timeout', '{case_timeout}'),
               _BENCH + step18 + ('--batch', '2') + _TINY_STEP,
-              100, 30, _step_figures, _step_problem),
+              120, 30, _step_figures, _step_problem),
       Section('losses_block8192',
               _BENCH + losses + ('--views', '8192', '32768', '131072',
                                  '--block-size', '8192') + _LOSSES,
