@@ -42,21 +42,26 @@ def finite_numbers(value, path='') -> list[str]:
 # --------------------------------------------------------------- dry run --
 
 
-@pytest.fixture(scope='module')
-def dry_run(tmp_path_factory):
-  """One dry run through the shell wrapper; `(stdout report, out dir)`."""
-  out = tmp_path_factory.mktemp('device_check')
+def test_dry_run(tmp_path):
+  """One dry run through the shell wrapper, checked four ways.
+
+  One test, not four sharing a fixture: under xdist each worker would run
+  the dry run again.
+  """
   proc = subprocess.run(
       ['bash', os.path.join(REPO, 'benchmarks', 'device_check.sh'),
-       '--dry-run', '--out', str(out)],
+       '--dry-run', '--out', str(tmp_path)],
       cwd=REPO, capture_output=True, text=True, timeout=1200,
       env=dict(os.environ, PYTHON=sys.executable))
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return json.loads(proc.stdout), out
+  report = json.loads(proc.stdout)
+  check_every_section_has_finite_figures(report)
+  check_nothing_imported_tensorflow_tfds_or_clu(report)
+  check_headline_figures(report['sections'])
+  check_written_reports(report, tmp_path)
 
 
-def test_dry_run_has_every_section_with_finite_figures(dry_run):
-  report, _ = dry_run
+def check_every_section_has_finite_figures(report):
   assert report['mode'] == 'dry_run' and report['ok']
   assert report['failed_sections'] == []
   assert list(report['sections']) == SECTIONS
@@ -70,16 +75,14 @@ def test_dry_run_has_every_section_with_finite_figures(dry_run):
       'versions']['jax']
 
 
-def test_dry_run_never_imports_tensorflow_tfds_or_clu(dry_run):
-  report, _ = dry_run
+def check_nothing_imported_tensorflow_tfds_or_clu(report):
   # The guard logs every attempt, from every section and bench child; it
   # does log them (test_import_guard_blocks_and_logs), so none were made.
   assert report['blocked_imports'] == []
   assert report['sections']['env']['figures']['missing_modules'] == []
 
 
-def test_dry_run_headline_figures(dry_run):
-  sections = dry_run[0]['sections']
+def check_headline_figures(sections):
   figures = {name: entry['figures'] for name, entry in sections.items()}
   assert set(figures['peak']['tflop_per_s']) == {'float32', 'bfloat16'}
   for name in ('step_resnet50_224_bf16', 'step_resnet18_cifar'):
@@ -99,8 +102,7 @@ def test_dry_run_headline_figures(dry_run):
   assert [step for step, _ in train['losses']] == [1, 2, 4]
 
 
-def test_dry_run_writes_the_report_and_the_raw_reports(dry_run):
-  report, out = dry_run
+def check_written_reports(report, out):
   with open(out / 'device_check.json', encoding='utf-8') as f:
     assert json.load(f) == report
   with open(out / 'device_check_raw.json', encoding='utf-8') as f:
