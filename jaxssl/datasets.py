@@ -16,7 +16,6 @@ Every failure is a one-line ValueError that says what to do.
 """
 
 import contextlib
-import dataclasses
 import difflib
 import os
 import shutil
@@ -28,6 +27,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import download_manager
 
+from jaxssl.data_facts import DatasetInfo, IMAGE_FOLDER  # re-exported; no TF
+
 try:
   # TF only feeds the host pipeline (on CPU); it must not reserve accelerator
   # memory that JAX needs. Every jaxssl module that runs TF imports this one.
@@ -38,7 +39,6 @@ except RuntimeError:  # TF's devices were initialised before this import.
 FASHION_MNIST_DIR_ENV = 'JAXSSL_FASHION_MNIST_DIR'
 DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_APT = 'sudo apt-get install -y dataset-fashion-mnist'
-IMAGE_FOLDER = 'image_folder'
 
 # Debian's package keeps upstream's DEFLATE streams and CRC/size trailers
 # byte for byte but rewrites the 10-byte gzip header: it drops the original
@@ -52,23 +52,6 @@ _UPSTREAM_GZIP_MTIME = {
     't10k-images-idx3-ubyte.gz': 1504176627,
     't10k-labels-idx1-ubyte.gz': 1504176627,
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the rest of jaxssl needs to know about a dataset.
-
-  Attributes:
-    name: the tfds name (or 'image_folder').
-    num_train_examples: examples in `dataset.train_split`.
-    num_classes: number of labels.
-    image_shape: `(H, W, C)` of the stored images; H and W are None when
-      they vary (ImageNet, image folders).
-  """
-  name: str
-  num_train_examples: int
-  num_classes: int
-  image_shape: tuple[int | None, int | None, int]
 
 
 def resolve_data_dir(dataset_config: ml_collections.ConfigDict) -> str:

@@ -33,13 +33,13 @@ import dataclasses
 import math
 from typing import Callable, Iterator
 
-import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from jaxssl import datasets  # importing it hides the GPUs from TensorFlow
+from jaxssl.data_facts import num_shards, steps_per_epoch  # re-exported; no TF
 from jaxssl.augment import host
 from jaxssl.augment import recipes
 
@@ -62,40 +62,6 @@ class _Plan:
   per_shard_batch_size: int
   steps_per_epoch: int
   config: ml_collections.ConfigDict
-
-
-def num_shards(config: ml_collections.ConfigDict, process_count: int) -> int:
-  """S: `dataset.num_shards`, or the process count when it is 0, checked."""
-  shards = config.dataset.num_shards or process_count
-  batch = config.global_batch_size
-  if process_count < 1:
-    raise ValueError(f'process_count={process_count} must be >= 1')
-  if shards < 0 or shards % process_count:
-    raise ValueError(f'dataset.num_shards={shards} must be a positive '
-                     f'multiple of the process count {process_count}')
-  if batch <= 0 or batch % shards:
-    raise ValueError(f'global_batch_size={batch} is not divisible by '
-                     f'dataset.num_shards={shards}; use a multiple of {shards}')
-  return shards
-
-
-def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int,
-                    *, process_count: int | None = None) -> int:
-  """Steps per epoch of `pretrain_batches`: (n // S) // (B // S).
-
-  Args:
-    config: the run config (global_batch_size, dataset.num_shards).
-    num_train_examples: examples in `dataset.train_split`.
-    process_count: P, used when dataset.num_shards is 0; defaults to
-      `jax.process_count()`.
-
-  Returns:
-    The number of steps in which every shard's kept examples are seen once.
-  """
-  if process_count is None:
-    process_count = jax.process_count()
-  shards = num_shards(config, process_count)
-  return (num_train_examples // shards) // (config.global_batch_size // shards)
 
 
 def _fold(seed: tf.Tensor, *data) -> tf.Tensor:

@@ -1,4 +1,4 @@
-"""Tests of `python -m jaxssl.bench peak|step|input`.
+"""Tests of `python -m jaxssl.bench peak|step|augment|train|input`.
 
 The subcommands run end to end on tiny sizes (simclr_tiny, a few steps);
 the checks are on the report's fields and signs, never on speed. FLOP
@@ -18,6 +18,7 @@ import pytest
 
 from jaxssl.bench import flops as flops_lib
 from jaxssl.bench import harness
+from jaxssl.bench import synthetic_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'configs', 'simclr_tiny.py')
@@ -177,6 +178,45 @@ def test_augment_times_both_halves(recipe, channels):
   assert row['combined_img_s'] == min(row['host_img_s'], row['device_img_s'])
 
 
+def test_augment_device_half_alone_reports_no_host_figures():
+  proc = bench('augment', '--json', '--recipe', 'simclr', '--sizes', '12',
+               '--batch', '4', '--batches', '1', '--repeats', '1',
+               '--halves', 'device')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (row,) = json.loads(proc.stdout)['results']
+  assert row['host_img_s'] is None and row['host_timings_s'] == []
+  assert positive(row['device_img_s'])
+  assert row['combined_img_s'] == row['device_img_s']
+
+
+# ----------------------------------------------------------------- train --
+
+
+def test_train_runs_the_step_on_synthetic_data():
+  proc = bench('train', '--json', '--config', TINY, '--batch', '8',
+               '--steps', '4', '--log-every', '2', '--dataset-facts',
+               'table')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout)
+  assert report['ok'] and report['compiles_after_first'] == 0
+  assert [step for step, _ in report['losses']] == [1, 2, 4]
+  assert report['loss_finite']
+  for field in ('first_call_s', 'images_per_s', 'peak_rss_bytes'):
+    assert positive(report[field]), field
+
+
+def test_synthetic_pool_views_share_their_image():
+  config = harness.load_config(TINY, batch=4)
+  pool = synthetic_train.synthetic_pool(config, 1, 2)
+  assert len(pool) == 2
+  (views,) = pool[1]['views']
+  assert views.shape == (4, 2, 16, 16, 1) and views.dtype == 'float32'
+  assert 0.0 <= views.min() and views.max() <= 1.0
+  # Two views of one image differ by at most the view noise.
+  assert abs(views[:, 0] - views[:, 1]).max() <= synthetic_train.VIEW_NOISE
+  assert list(pool[1]['index']) == [4, 5, 6, 7]
+
+
 # ----------------------------------------------------------------- input --
 
 
@@ -218,3 +258,25 @@ def test_synthetic_setup_lowers_to_the_trainers_program(
   batch = harness.synthetic_batch(config, 1, mesh1)
   assert (ours.train_step.lower(state, batch).as_text()
           == theirs.train_step.lower(state, batch).as_text())
+
+
+# --------------------------------------------------------- dataset facts --
+
+
+@pytest.mark.parametrize('name', sorted(harness.KNOWN_DATASETS))
+def test_known_datasets_table_matches_tfds(name, tmp_path):
+  """The no-TensorFlow facts are tfds's own (image shape and classes)."""
+  config = harness.load_config(TINY, overrides=[
+      f'dataset.name={name!r}', f'dataset.data_dir={str(tmp_path)!r}'])
+  table = harness.synthetic_info(config, 'table')
+  from_tfds = harness.synthetic_info(config, 'tfds')
+  assert (table.image_shape, table.num_classes) == (
+      from_tfds.image_shape, from_tfds.num_classes)
+  # Unprepared here, so both take the nominal split size.
+  assert table == from_tfds
+
+
+def test_unknown_dataset_without_tfds_is_a_one_line_error():
+  config = harness.load_config(TINY, overrides=["dataset.name='mnist'"])
+  with pytest.raises(ValueError, match='KNOWN_DATASETS'):
+    harness.synthetic_info(config, 'table')

@@ -6,6 +6,7 @@
   python -m jaxssl.bench step --config configs/simclr_cifar10.py --batch 64
   python -m jaxssl.bench input --config configs/simclr_fashion_mnist.py
   python -m jaxssl.bench augment --recipe byol --sizes 224 --json
+  python -m jaxssl.bench train --config configs/simclr_fashion_mnist.py
 
 See `jaxssl/bench/__init__.py` for the subcommand contract. The PyTorch
 comparison is not part of the package: `python -m benchmarks.compare` from
@@ -21,6 +22,7 @@ from jaxssl.bench import input as input_bench
 from jaxssl.bench import losses
 from jaxssl.bench import peak
 from jaxssl.bench import step
+from jaxssl.bench import synthetic_train
 
 SUBCOMMANDS = {
     'losses': losses,
@@ -28,6 +30,7 @@ SUBCOMMANDS = {
     'step': step,
     'input': input_bench,
     'augment': augment,
+    'train': synthetic_train,
 }
 
 

@@ -17,10 +17,15 @@ Runs alternate (host, device, host, ...) so a change of machine load hits
 both; the median of `--repeats` timings counts. Figures are images per
 second (each image gives `num_views` views); the two halves run
 concurrently in training, so the slower one bounds the input rate.
+`--halves device` times the device half alone on uniform float32 views of
+the host half's shape, without importing TensorFlow (its cost does not
+depend on the pixel values: no branch in it reads them); the host figures
+are then None.
 
   python -m jaxssl.bench augment                          # quickstart, 28 px
   python -m jaxssl.bench augment --recipe byol --sizes 224 --batch 32
   python -m jaxssl.bench augment --recipe simclr --sizes 32 224 --json
+  python -m jaxssl.bench augment --recipe simclr --sizes 224 --halves device
 """
 
 import statistics
@@ -30,6 +35,7 @@ from jaxssl.bench import peak
 
 HELP = 'img/s of the host (crop) and device (colour, blur) augmentation'
 RECIPES = ('quickstart', 'simclr', 'byol', 'moco_v2', 'moco_v3', 'swav')
+HALVES = ('host', 'device')
 
 
 def add_arguments(parser) -> None:
@@ -50,6 +56,9 @@ def add_arguments(parser) -> None:
                       help='batches per timing')
   parser.add_argument('--repeats', type=int, default=3,
                       help='alternating timings per half; the median counts')
+  parser.add_argument('--halves', nargs='+', choices=HALVES,
+                      default=list(HALVES),
+                      help='halves to time (device alone: no TensorFlow)')
 
 
 def recipe_config(recipe: str):
@@ -102,6 +111,16 @@ def _time_device(fn, views, keys) -> float:
   return time.perf_counter() - start
 
 
+def _device_input(images, config_augment, size: int, args):
+  """The device half's input: host views, or uniform ones without tf.data."""
+  import numpy as np
+  if 'host' in args.halves:
+    return next(_host_batches(images, config_augment, size, args.batch))
+  shape = (args.batch, config_augment.num_views, size, size,
+           images.shape[-1])
+  return np.random.default_rng(0).random(shape, np.float32)
+
+
 def measure(size: int, args) -> dict:
   """Alternating host and device timings at one view size."""
   import jax
@@ -112,25 +131,27 @@ def measure(size: int, args) -> dict:
   source = args.source_size or size
   images = np.random.RandomState(0).randint(
       0, 256, (args.batch, source, source, channels), np.uint8)
-  views = (jax.device_put(next(_host_batches(images, config_augment, size,
-                                             args.batch))),)
+  views = (jax.device_put(_device_input(images, config_augment, size,
+                                        args)),)
   fn = jax.jit(lambda v, k: device.finish_views(v, k, config_augment))
   start = time.perf_counter()
   fn(views, jax.random.key(0))[0].block_until_ready()
   compile_s = time.perf_counter() - start
   host_s, device_s = [], []
   for r in range(args.repeats):
-    host_s.append(_time_host(images, config_augment, size, args.batch,
-                             args.batches))
-    keys = [jax.random.key(1000 * r + i) for i in range(args.batches)]
-    device_s.append(_time_device(fn, views, keys))
+    if 'host' in args.halves:
+      host_s.append(_time_host(images, config_augment, size, args.batch,
+                               args.batches))
+    if 'device' in args.halves:
+      keys = [jax.random.key(1000 * r + i) for i in range(args.batches)]
+      device_s.append(_time_device(fn, views, keys))
   images_per_timing = args.batch * args.batches
-  host_rate = images_per_timing / statistics.median(host_s)
-  device_rate = images_per_timing / statistics.median(device_s)
+  rates = [images_per_timing / statistics.median(times) if times else None
+           for times in (host_s, device_s)]
   return {'size': size, 'source_size': source, 'channels': channels,
-          'batch': args.batch, 'host_img_s': host_rate,
-          'device_img_s': device_rate,
-          'combined_img_s': min(host_rate, device_rate),
+          'batch': args.batch, 'host_img_s': rates[0],
+          'device_img_s': rates[1],
+          'combined_img_s': min(r for r in rates if r is not None),
           'device_compile_s': compile_s, 'host_timings_s': host_s,
           'device_timings_s': device_s}
 
@@ -140,6 +161,8 @@ def run(args) -> dict:
   for name in ('batch', 'batches', 'repeats'):
     if getattr(args, name) < 1:
       raise ValueError(f'--{name}={getattr(args, name)} must be >= 1')
+  if not args.halves:
+    raise ValueError('--halves needs host, device or both')
   if min(args.sizes) < 1 or args.source_size < 0:
     raise ValueError(f'--sizes={args.sizes} and --source-size='
                      f'{args.source_size} must be positive')
@@ -162,7 +185,9 @@ def format_report(report: dict) -> str:
            f"{'size':>5} {'source':>6} {'C':>2} {'batch':>5} "
            f"{'host img/s':>11} {'device img/s':>13} {'compile s':>9}"]
   for r in report['results']:
+    host, dev = (f'{r[k]:.1f}' if r[k] is not None else '-'
+                 for k in ('host_img_s', 'device_img_s'))
     lines.append(f"{r['size']:>5} {r['source_size']:>6} {r['channels']:>2} "
-                 f"{r['batch']:>5} {r['host_img_s']:>11.1f} "
-                 f"{r['device_img_s']:>13.1f} {r['device_compile_s']:>9.1f}")
+                 f"{r['batch']:>5} {host:>11} {dev:>13} "
+                 f"{r['device_compile_s']:>9.1f}")
   return '\n'.join(lines)

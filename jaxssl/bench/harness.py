@@ -1,7 +1,8 @@
 """The trainer's jitted step on synthetic data, and timing it.
 
 Shared by the `step`, `input` and `compare` benchmarks: a config loader
-with benchmark overrides, `jaxssl.train.setup` without reading data, a
+with benchmark overrides, the trainer's `setup` (`jaxssl.step_setup`)
+without reading data or importing TensorFlow (`facts='table'`), a
 synthetic batch of the pipeline's shape, and a timer that counts XLA
 compiles after the first call (a recompiling step is a benchmark failure).
 """
@@ -62,20 +63,61 @@ def load_config(path: str, *, batch: int | None = None,
   return config
 
 
-def synthetic_info(config):
+# The tfds facts of the datasets the configs name, `(image shape, classes)`,
+# for machines without tfds (the accelerator check); tests/bench_test.py
+# checks them against tfds's own features.
+KNOWN_DATASETS = {
+    'fashion_mnist': ((28, 28, 1), 10),
+    'cifar10': ((32, 32, 3), 10),
+    'imagenet2012': ((None, None, 3), 1000),
+}
+FACTS = ('auto', 'tfds', 'table')
+
+
+def _tfds_installed() -> bool:
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  return importlib.util.find_spec('tensorflow_datasets') is not None
+
+
+def synthetic_info(config, facts: str = 'auto'):
   """The dataset facts a step needs, without reading or preparing data.
 
-  The image shape comes from the tfds builder's static features; the split
-  size from its metadata when the dataset is prepared, else a nominal 1000
-  steps' worth (it only shapes the learning-rate schedule).
+  Args:
+    config: the run config.
+    facts: where the image shape and classes come from: 'tfds', the tfds
+      builder's static features (and the split size from its metadata when
+      the dataset is prepared); 'table', `KNOWN_DATASETS`, importing
+      neither TensorFlow nor tfds; 'auto', 'tfds' where tfds is installed,
+      else 'table'.
+
+  Returns:
+    A `DatasetInfo`. Its split size is the prepared split's (tfds only),
+    else a nominal 1000 steps' worth: it only shapes the learning-rate
+    schedule.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from jaxssl import datasets  # pylint: disable=g-import-not-at-top
+  from jaxssl import data_facts  # pylint: disable=g-import-not-at-top
+  if facts not in FACTS:
+    raise ValueError(f'facts={facts!r} must be one of {FACTS}')
   name = config.dataset.name
   size = config.dataset.image_size
   nominal = 1000 * config.global_batch_size
-  if name == datasets.IMAGE_FOLDER:
-    return datasets.DatasetInfo(name, nominal, 1000, (size, size, 3))
+  if name == data_facts.IMAGE_FOLDER:
+    return data_facts.DatasetInfo(name, nominal, 1000, (size, size, 3))
+  if facts == 'table' or (facts == 'auto' and not _tfds_installed()):
+    if name not in KNOWN_DATASETS:
+      raise ValueError(f'dataset.name={name!r} has no entry in '
+                       f'jaxssl.bench.harness.KNOWN_DATASETS '
+                       f'({sorted(KNOWN_DATASETS)}); use facts from tfds')
+    shape, classes = KNOWN_DATASETS[name]
+    return data_facts.DatasetInfo(name, nominal, classes, shape)
+  return _tfds_info(config, nominal)
+
+
+def _tfds_info(config, nominal: int):
+  """`synthetic_info` from the tfds builder (imports TensorFlow)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from jaxssl import datasets  # pylint: disable=g-import-not-at-top
+  name = config.dataset.name
   builder = tfds.builder(name, data_dir=datasets.resolve_data_dir(
       config.dataset))
   image_key, label_key = datasets.feature_keys(builder)
@@ -90,15 +132,15 @@ def synthetic_info(config):
                               tuple(features[image_key].shape))
 
 
-def synthetic_setup(config, mesh):
-  """`jaxssl.train.setup` with dataset facts from `synthetic_info`.
+def synthetic_setup(config, mesh, facts: str = 'auto'):
+  """`jaxssl.step_setup.setup` with dataset facts from `synthetic_info`.
 
   The same method, schedule, optimizer and jitted functions (donation and
   output shardings included) as the trainer's; tests/bench_test.py checks
-  that both lower to the same program.
+  that both lower to the same program. `facts`: see `synthetic_info`.
   """
-  from jaxssl import train  # pylint: disable=g-import-not-at-top
-  return train.setup(config, mesh, info=synthetic_info(config))
+  from jaxssl import step_setup  # pylint: disable=g-import-not-at-top
+  return step_setup.setup(config, mesh, info=synthetic_info(config, facts))
 
 
 def synthetic_batch(config, num_channels: int, mesh, seed: int = 0) -> dict:
@@ -109,7 +151,7 @@ def synthetic_batch(config, num_channels: int, mesh, seed: int = 0) -> dict:
     'index': int32 [B]}`, B = global_batch_size, sharded over 'data'.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from jaxssl import train  # pylint: disable=g-import-not-at-top
+  from jaxssl import step_setup  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   size = config.dataset.image_size
   shape = (config.global_batch_size, config.augment.num_views, size, size,
@@ -118,7 +160,7 @@ def synthetic_batch(config, num_channels: int, mesh, seed: int = 0) -> dict:
            'label': rng.integers(0, 10, config.global_batch_size,
                                  dtype=np.int32),
            'index': np.arange(config.global_batch_size, dtype=np.int32)}
-  return train.global_batch(local, mesh)
+  return step_setup.global_batch(local, mesh)
 
 
 # --------------------------------------------------------------- timing --

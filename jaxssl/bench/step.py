@@ -65,6 +65,12 @@ def add_arguments(parser) -> None:
   parser.add_argument('--peak-size', type=int, default=0,
                       help='matmul side of the peak measurement (0: the '
                       'peak subcommand default)')
+  parser.add_argument('--dataset-facts', choices=harness.FACTS,
+                      default='auto',
+                      help='image shape and classes of the synthetic data: '
+                      'tfds (the builder\'s features), table (harness.'
+                      'KNOWN_DATASETS, no TensorFlow import) or auto (tfds '
+                      'where installed)')
   parser.add_argument('--case-timeout', type=float, default=3600.0)
 
 
@@ -77,7 +83,8 @@ def _model_flops(case: dict, config, mesh, state, batch, lowered) -> float:
     return flops_lib.xla_flops(lowered)
   plain = harness.load_config(case['config'], batch=case['batch'],
                               overrides=case['set'], kernels='xla')
-  step_fn = harness.synthetic_setup(plain, mesh).train_step
+  facts = case.get('dataset_facts', 'auto')
+  step_fn = harness.synthetic_setup(plain, mesh, facts).train_step
   return flops_lib.xla_flops(step_fn.lower(state, batch))
 
 
@@ -86,7 +93,8 @@ def prepare(case: dict):
 
   Args:
     case: `{'config', 'batch', 'devices', 'impl', 'set'}` as in `run`;
-      'impl' is the `kernels` choice.
+      'impl' is the `kernels` choice; an optional 'dataset_facts'
+      (`harness.synthetic_info`'s `facts`, default 'auto').
 
   Returns:
     `(setup, state, batch, facts)`: facts is a JSON-able dict with the
@@ -102,7 +110,8 @@ def prepare(case: dict):
                      f'{jax.device_count()}; on a CPU set XLA_FLAGS='
                      '--xla_force_host_platform_device_count')
   mesh = parallel.make_mesh(jax.devices()[:case['devices']])
-  s = harness.synthetic_setup(config, mesh)
+  s = harness.synthetic_setup(config, mesh,
+                              case.get('dataset_facts', 'auto'))
   channels = s.info.image_shape[-1]
   device = jax.devices()[0]
   facts = {'device': f'{device.platform}:{device.device_kind}',
@@ -230,7 +239,8 @@ def run(args) -> dict:
         case = {'config': args.config, 'batch': batch, 'devices': devices,
                 'impl': impl, 'set': args.set, 'steps': args.steps,
                 'warmup': args.warmup, 'flops_only': args.flops_only,
-                'peak_size': args.peak_size}
+                'peak_size': args.peak_size,
+                'dataset_facts': args.dataset_facts}
         cases.append(peak_lib.run_child('jaxssl.bench.step', case,
                                         devices=devices,
                                         timeout_s=args.case_timeout))
