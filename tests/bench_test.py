@@ -1,4 +1,4 @@
-"""Tests of `python -m jaxssl.bench peak|step|augment|train|input`.
+"""Tests of `python -m jaxssl.bench peak|step|augment|train|input|memory`.
 
 The subcommands run end to end on tiny sizes (simclr_tiny, a few steps);
 the checks are on the report's fields and signs, never on speed. FLOP
@@ -18,6 +18,8 @@ import pytest
 
 from jaxssl.bench import flops as flops_lib
 from jaxssl.bench import harness
+from jaxssl.bench import memory
+from jaxssl.bench import step as step_lib
 from jaxssl.bench import synthetic_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,6 +87,57 @@ def test_step_does_not_recompile_and_ratios(step_report):
   (cost,) = step_report['summary']['device_cost']
   assert (cost['devices'], cost['vs_devices']) == (2, 1)
   assert positive(cost['step_time_ratio'])
+
+
+def test_step_compares_each_k_with_one():
+  # summarize() on hand-made cases: each k > 1 against its k = 1 twin only.
+  def case(k, batch, seconds, rss):
+    return {'status': 'ok', 'global_batch_size': batch, 'devices': 1,
+            'impl': 'xla', 'accumulation_steps': k, 'median_step_s': seconds,
+            'peak_rss_bytes': rss, 'images_per_s': batch / seconds}
+  summary = step_lib.summarize([case(1, 64, 1.0, 400), case(4, 64, 1.5, 100),
+                                case(4, 128, 3.0, 200)])
+  (ratio,) = summary['accumulation']
+  assert (ratio['batch'], ratio['k']) == (64, 4)
+  assert ratio['step_time_ratio'] == pytest.approx(1.5)
+  assert ratio['peak_rss_ratio'] == pytest.approx(0.25)
+  assert ratio['device_peak_ratio'] is None
+  assert summary['impl_speedup'] == [] and summary['device_cost'] == []
+
+
+# ---------------------------------------------------------------- memory --
+
+
+def test_memory_of_micro_batches_is_smaller():
+  proc = bench('memory', '--json', '--config', TINY, '--batch', '64',
+               '--accumulation-steps', '1', '4')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  report = json.loads(proc.stdout)
+  one, four = report['cases']
+  assert (one['accumulation_steps'], four['accumulation_steps']) == (1, 4)
+  for c in (one, four):
+    assert c['status'] == 'ok' and c['global_batch_size'] == 64
+    assert c['peak_bytes'] == (c['argument_bytes'] + c['output_bytes']
+                               - c['alias_bytes'] + c['temp_bytes'])
+  # Activations of 16 examples at a time, not 64.
+  assert four['temp_bytes'] < 0.5 * one['temp_bytes']
+
+
+def test_memory_budget_doubles_until_the_peak_passes_it(monkeypatch):
+  # The doubling alone, on a made-up peak of 1 MiB per example per k.
+  def fake_case(args, batch, k):
+    return {'status': 'ok', 'batch': batch, 'accumulation_steps': k,
+            'peak_bytes': batch * memory.MIB // k}
+  monkeypatch.setattr(memory, '_case', fake_case)
+  args = type('Args', (), dict(
+      batch=[8], accumulation_steps=[1, 4], budget_gib=0.1, max_batch=4096,
+      config='c', set=[], kernels='xla', dataset_facts='table',
+      case_timeout=1.))()
+  report = memory.run(args)
+  # 0.1 GiB = 102.4 MiB: 64 examples fit at k = 1, 256 at k = 4.
+  assert report['largest_batch_under_budget'] == {'1': 64, '4': 256}
+  assert [c['batch'] for c in report['cases']] == [8, 16, 32, 64, 128, 8, 16,
+                                                   32, 64, 128, 256, 512]
 
 
 def test_timed_steps_counts_recompiles():

@@ -7,6 +7,8 @@
   python -m jaxssl.bench input --config configs/simclr_fashion_mnist.py
   python -m jaxssl.bench augment --recipe byol --sizes 224 --json
   python -m jaxssl.bench train --config configs/simclr_fashion_mnist.py
+  python -m jaxssl.bench memory --config configs/simclr_cifar10.py \
+      --accumulation-steps 1 8 --budget-gib 16
 
 See `jaxssl/bench/__init__.py` for the subcommand contract. The PyTorch
 comparison is not part of the package: `python -m benchmarks.compare` from
@@ -20,6 +22,7 @@ import sys
 from jaxssl.bench import augment
 from jaxssl.bench import input as input_bench
 from jaxssl.bench import losses
+from jaxssl.bench import memory
 from jaxssl.bench import peak
 from jaxssl.bench import step
 from jaxssl.bench import synthetic_train
@@ -31,6 +34,7 @@ SUBCOMMANDS = {
     'input': input_bench,
     'augment': augment,
     'train': synthetic_train,
+    'memory': memory,
 }
 
 

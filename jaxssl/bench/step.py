@@ -21,12 +21,15 @@ case reports:
   makes the command exit with status 1.
 
   python -m jaxssl.bench step --config configs/simclr_cifar10.py --batch 64 256
+  python -m jaxssl.bench step --config configs/simclr_cifar10.py --batch 256 \\
+      --kernels xla --accumulation-steps 1 4   # k micro-batches vs k = 1
   python -m jaxssl.bench step --config configs/simclr_fashion_mnist.py \\
       --devices 1 8 --kernels auto
   python -m jaxssl.bench step --config configs/simclr_tpu.py --batch 8 \\
       --flops-only
 """
 
+import itertools
 import json
 import math
 import os
@@ -54,6 +57,9 @@ def add_arguments(parser) -> None:
                       default=['auto', 'xla'],
                       help='encoder ops (config key kernels): auto, the '
                       'CPU kernels (cpu) or XLA\'s (xla)')
+  parser.add_argument('--accumulation-steps', type=int, nargs='+',
+                      default=[1], help='micro-batches per step (config key '
+                      'accumulation_steps); each k is compared with k = 1')
   parser.add_argument('--steps', type=int, default=5, help='timed steps')
   parser.add_argument('--warmup', type=int, default=1,
                       help='untimed steps after the first call')
@@ -188,21 +194,27 @@ def measure(case: dict) -> dict:
 
 
 def summarize(cases: list[dict]) -> dict:
-  """Ratios of conv impls and of device counts between `cases`.
+  """Ratios of conv impls, device counts and accumulation between `cases`.
 
-  Impls are compared at equal batch and devices, device counts at equal
-  batch and impl.
+  Impls are compared at equal batch, devices and k, device counts at equal
+  batch, impl and k, k > 1 against k = 1 at equal batch, devices and impl.
 
   Returns:
     `{'impl_speedup': [{'batch', 'devices', 'impl', 'vs', 'ratio'}],
     'device_cost': [{'batch', 'impl', 'devices', 'vs_devices',
-    'step_time_ratio'}]}`; ratios of img/s (impl) and of median step time
-    (more devices over fewest).
+    'step_time_ratio'}], 'accumulation': [{'batch', 'devices', 'impl', 'k',
+    'step_time_ratio', 'peak_rss_ratio', 'device_peak_ratio'}]}`; ratios of
+    img/s (impl), of median step time (more devices over fewest; k over 1)
+    and of peak memory (k over 1; the device's where it reports one).
   """
-  ok = [c for c in cases if c.get('status') == 'ok' and 'median_step_s' in c]
+  ok = [dict(c, accumulation_steps=c.get('accumulation_steps', 1))
+        for c in cases if c.get('status') == 'ok' and 'median_step_s' in c]
   impl_speedup, device_cost = [], []
+  accumulation = _accumulation_ratios(ok)
   for c in ok:
     for base in ok:
+      if base['accumulation_steps'] != c['accumulation_steps']:
+        continue
       same_run = (c['global_batch_size'] == base['global_batch_size']
                   and c['devices'] == base['devices'])
       if same_run and base['impl'] == 'xla' and c['impl'] != 'xla':
@@ -220,7 +232,27 @@ def summarize(cases: list[dict]) -> dict:
             'batch': c['global_batch_size'], 'impl': c['impl'],
             'devices': c['devices'], 'vs_devices': fewest,
             'step_time_ratio': c['median_step_s'] / base['median_step_s']})
-  return {'impl_speedup': impl_speedup, 'device_cost': device_cost}
+  return {'impl_speedup': impl_speedup, 'device_cost': device_cost,
+          'accumulation': accumulation}
+
+
+def _accumulation_ratios(ok: list[dict]) -> list[dict]:
+  """Step time and peak memory of each k > 1 case over its k = 1 twin."""
+  ratios = []
+  for c in ok:
+    for base in ok:
+      twin = all(c[key] == base[key]
+                 for key in ('global_batch_size', 'devices', 'impl'))
+      if twin and base['accumulation_steps'] == 1 < c['accumulation_steps']:
+        ratios.append({
+            'batch': c['global_batch_size'], 'devices': c['devices'],
+            'impl': c['impl'], 'k': c['accumulation_steps'],
+            'step_time_ratio': c['median_step_s'] / base['median_step_s'],
+            'peak_rss_ratio': c['peak_rss_bytes'] / base['peak_rss_bytes'],
+            'device_peak_ratio': (
+                c['device_peak_bytes'] / base['device_peak_bytes']
+                if 'device_peak_bytes' in base else None)})
+  return ratios
 
 
 def run(args) -> dict:
@@ -233,17 +265,21 @@ def run(args) -> dict:
             'config': {k: v for k, v in vars(args).items()
                        if k not in ('command', 'json')}}
   cases = []
-  for batch in args.batch or [None]:
-    for devices in args.devices:
-      for impl in args.kernels:
-        case = {'config': args.config, 'batch': batch, 'devices': devices,
-                'impl': impl, 'set': args.set, 'steps': args.steps,
-                'warmup': args.warmup, 'flops_only': args.flops_only,
-                'peak_size': args.peak_size,
-                'dataset_facts': args.dataset_facts}
-        cases.append(peak_lib.run_child('jaxssl.bench.step', case,
-                                        devices=devices,
-                                        timeout_s=args.case_timeout))
+  if min(args.accumulation_steps) < 1:
+    raise ValueError(f'--accumulation-steps={args.accumulation_steps} must '
+                     'be positive')
+  for batch, devices, impl, k in itertools.product(
+      args.batch or [None], args.devices, args.kernels,
+      args.accumulation_steps):
+    case = {'config': args.config, 'batch': batch, 'devices': devices,
+            'impl': impl, 'accumulation_steps': k,
+            'set': args.set + [f'accumulation_steps={k}'],
+            'steps': args.steps, 'warmup': args.warmup,
+            'flops_only': args.flops_only, 'peak_size': args.peak_size,
+            'dataset_facts': args.dataset_facts}
+    cases.append(peak_lib.run_child('jaxssl.bench.step', case,
+                                    devices=devices,
+                                    timeout_s=args.case_timeout))
   report['cases'] = cases
   report['summary'] = summarize(cases)
   report['machine']['loadavg_end'] = list(os.getloadavg())
@@ -264,7 +300,10 @@ def _case_row(c: dict) -> str:
   conv = c['impl']
   if c.get('kernels_resolved', conv) != conv:
     conv = f'{conv} (= {c["kernels_resolved"]})'
-  head = (f'| {c.get("global_batch_size", c["batch"])} | {c["devices"]} | '
+  batch = c.get('global_batch_size', c['batch'])
+  if c.get('accumulation_steps', 1) > 1:
+    batch = f'{batch} (k={c["accumulation_steps"]})'
+  head = (f'| {batch} | {c["devices"]} | '
           f'{conv} |')
   if c['status'] != 'ok':
     return f'{head} {c["status"]}: {c.get("reason", "")} |'
@@ -302,6 +341,13 @@ def format_report(report: dict) -> str:
   for s in summary['impl_speedup']:
     lines.append(f'- batch {s["batch"]}, {s["devices"]} device(s): conv '
                  f'{s["impl"]} is {s["ratio"]:.2f}x the img/s of {s["vs"]}')
+  for s in summary.get('accumulation', []):
+    device = ('' if s['device_peak_ratio'] is None else
+              f', device peak {s["device_peak_ratio"]:.2f}x')
+    lines.append(f'- batch {s["batch"]}, {s["devices"]} device(s), conv '
+                 f'{s["impl"]}: k = {s["k"]} micro-batches take '
+                 f'{s["step_time_ratio"]:.2f}x the step time of k = 1, peak '
+                 f'RSS {s["peak_rss_ratio"]:.2f}x{device}')
   for s in summary['device_cost']:
     lines.append(f'- batch {s["batch"]}, conv {s["impl"]}: a step on '
                  f'{s["devices"]} devices takes {s["step_time_ratio"]:.2f}x '
