@@ -191,7 +191,8 @@ def _accumulated(name, mesh, k, reference, monkeypatch):
   batch = {key: batch[key] for key in method.batch_keys()}
   state, rng = _state(method), jax.random.key(7)
   if reference and method.accumulation == 'average':
-    return _average_reference(method, state, batch, rng, k)
+    return jax.jit(_average_reference, static_argnums=(0, 4))(
+        method, state, batch, rng, k)
   if reference:
     monkeypatch.setattr(micro_batches, 'micro_batched', _unrolled)
   (loss, aux), grads = jax.jit(steps.value_and_grad, static_argnums=0)(
@@ -215,25 +216,35 @@ def _scaled_difference(got, want) -> float:
   return max(jax.tree.leaves(diffs)) / max(scale, 1e-30)
 
 
-# Summation order (scan vs loop, 8 shards vs 1) moves float32 results by
-# a few 1e-6 of a leaf's scale; ghost BN moves the gradient by > 1e-2.
-TOLERANCE = 5e-5
+# Float32 noise of these tiny networks, measured without accumulation: the
+# same step compiled for 8 devices and for 1 differs by up to 5e-5 of the
+# gradient's scale (MoCo v3's InfoNCE, SimSiam's normalised cosines), and
+# by ~2e-6 between a scan and an unrolled loop on one mesh. Ghost BN moves
+# the gradient by more than 1e-3 (asserted), so 1e-4 still tells them apart.
+TOLERANCE = 1e-4
+
+
+def _assert_close(got, want, tolerance, where):
+  """Loss, gradients, BN statistics and extra state, each to its scale."""
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for part, (a, b) in enumerate(zip(got, want)):
+    difference = _scaled_difference(a, b)
+    assert difference < tolerance, (where, part, difference)
 
 
 @pytest.mark.parametrize('name', sorted(methods.METHODS))
 def test_accumulated_gradient_is_the_whole_batch_with_ghost_bn(
     name, mesh8, mesh1, monkeypatch):
-  expected = _accumulated(name, mesh8, K, True, monkeypatch)
+  results = {}
   for mesh in (mesh8, mesh1):
     got = _accumulated(name, mesh, K, False, monkeypatch)
-    assert jax.tree.structure(got) == jax.tree.structure(expected)
-    # loss, gradients, BatchNorm statistics, extra state: each to its scale.
-    for part, (a, b) in enumerate(zip(got, expected)):
-      difference = _scaled_difference(a, b)
-      assert difference < TOLERANCE, (mesh.devices.size, part, difference)
+    expected = _accumulated(name, mesh, K, True, monkeypatch)
+    _assert_close(got, expected, TOLERANCE, mesh.devices.size)
+    results[mesh.devices.size] = got
+  _assert_close(results[1], results[8], TOLERANCE, '8 vs 1')
   one_step = _accumulated(name, mesh8, 1, False, monkeypatch)
-  ghost = _scaled_difference(one_step[1], expected[1])  # the gradients
-  assert ghost > 20 * TOLERANCE, f'micro-batches changed little: {ghost}'
+  ghost = _scaled_difference(one_step[1], results[8][1])  # the gradients
+  assert ghost > 10 * TOLERANCE, f'ghost BN moved little: {ghost}'
 
 
 def test_each_method_declares_its_accumulation():
