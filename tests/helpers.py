@@ -63,6 +63,20 @@ def resume_after_losing_the_newest(config, workdir: str) -> None:
   assert train.run(config, workdir)['step'] == 8
 
 
+def assert_resumes_bit_identical(config, tmp_path) -> None:
+  """An 8-step run and one resumed from step 4 end with identical states."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jaxssl import train  # after XLA_FLAGS
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  train.run(config, straight)
+  resume_after_losing_the_newest(config, resumed)
+  jax.tree.map(np.testing.assert_array_equal,
+               restore_state(config, resumed, 8),
+               restore_state(config, straight, 8))
+  assert (epath.Path(resumed) / 'checkpoints' / '8').exists()
+
+
 def assert_exported_and_evaluated(workdir: str, result: dict) -> None:
   """`train.run`'s result after 8 steps: an export and its evaluation."""
   from etils import epath  # pylint: disable=g-import-not-at-top

@@ -19,10 +19,9 @@ import numpy as np
 import optax
 import pytest
 import tensorflow_datasets as tfds
-from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from helpers import make_method, resume_after_losing_the_newest
+from helpers import assert_resumes_bit_identical, make_method
 from helpers import restore_state, set_overrides
 from jaxssl import config_presets
 from jaxssl import config_schema
@@ -260,14 +259,7 @@ def test_double_trains_through_the_trainer_with_real_indices(
 
 
 def test_double_resumes_exactly(registered, fashion_mnist_dir, tmp_path):
-  config = _double_config(fashion_mnist_dir)
-  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
-  train.run(config, straight)
-  resume_after_losing_the_newest(config, resumed)
-  jax.tree.map(np.testing.assert_array_equal,
-               restore_state(config, resumed, 8),
-               restore_state(config, straight, 8))
-  assert (epath.Path(resumed) / 'checkpoints' / '8').exists()
+  assert_resumes_bit_identical(_double_config(fashion_mnist_dir), tmp_path)
 
 
 def _imported_modules(path: pathlib.Path) -> set[str]:
