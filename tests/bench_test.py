@@ -105,6 +105,21 @@ def test_step_compares_each_k_with_one():
   assert summary['impl_speedup'] == [] and summary['device_cost'] == []
 
 
+def test_step_with_micro_batches_counts_the_model_flops_of_one_step():
+  proc = bench('step', '--json', '--config', TINY, '--batch', '8',
+               '--kernels', 'xla', '--accumulation-steps', '1', '2',
+               '--steps', '1', '--warmup', '0', '--peak-size', '128')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  report = json.loads(proc.stdout)
+  one, two = report['cases']
+  assert (one['accumulation_steps'], two['accumulation_steps']) == (1, 2)
+  # The scan's body would be counted once: the k = 1 program is counted.
+  assert two['model_flops'] == one['model_flops'] > 0
+  assert two['flops_impl_xla_count'] < one['flops_impl_xla_count']
+  (ratio,) = report['summary']['accumulation']
+  assert ratio['k'] == 2 and positive(ratio['step_time_ratio'])
+
+
 # ---------------------------------------------------------------- memory --
 
 

@@ -84,11 +84,19 @@ def add_arguments(parser) -> None:
 
 
 def _model_flops(case: dict, config, mesh, state, batch, lowered) -> float:
-  """XLA's FLOPs of the step with plain XLA convs (the model's FLOPs)."""
-  if config.kernels == 'xla':
+  """XLA's FLOPs of the step with plain XLA convs (the model's FLOPs).
+
+  Counted on the k = 1 program: XLA's cost analysis counts a loop body
+  once, so a step with `accumulation_steps` > 1 (a scan over micro-batches)
+  would be undercounted, and its recomputed forward is overhead, not model
+  work (as rematerialisation is not counted in MFU). Lowering only: the
+  k = 1 program need not fit in memory.
+  """
+  if config.kernels == 'xla' and config.accumulation_steps == 1:
     return flops_lib.xla_flops(lowered)
-  plain = harness.load_config(case['config'], batch=case['batch'],
-                              overrides=case['set'], kernels='xla')
+  plain = harness.load_config(
+      case['config'], batch=case['batch'],
+      overrides=list(case['set']) + ['accumulation_steps=1'], kernels='xla')
   facts = case.get('dataset_facts', 'auto')
   step_fn = harness.synthetic_setup(plain, mesh, facts).train_step
   return flops_lib.xla_flops(step_fn.lower(state, batch))

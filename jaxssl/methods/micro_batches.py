@@ -1,4 +1,4 @@
-"""Micro-batches of one step: exact gradient accumulation (`accumulation_steps`).
+"""Micro-batches of one step: exact gradient accumulation.
 
 A step over a global batch of N examples may run its forwards in k
 micro-batches of N/k examples, so that only one micro-batch's activations
