@@ -155,7 +155,15 @@ def value_and_grad(method: base.Method, state: TrainState,
     def loss_fn(params):
       return method.loss_fn(params, state.batch_stats, state.extra, batch,
                             rng, state.step)
-    return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    before = method.accumulated_forwards
+    result = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if k > 1 and method.accumulated_forwards == before:
+      raise ValueError(
+          f'accumulation_steps={k}: method {method.name!r} is '
+          "'gradient_cache' but runs no forward through "
+          "`self.accumulated`; wrap its forwards, or declare accumulation = "
+          "'average' for a per-example loss (docs/adding-a-method.md)")
+    return result
 
   def micro_loss(params, batch_stats, extra, micro_batch, micro_rng):
     return method.compute_loss(params, batch_stats, extra, micro_batch,

@@ -134,6 +134,20 @@ def test_micro_batched_is_the_two_pass_gradient_cache(mesh8, mesh1, k):
                          ref_grads['Dense_0']['kernel'], rtol=1e-3)
 
 
+def test_a_method_that_wraps_no_forward_is_refused(mesh8, monkeypatch):
+  # A 'gradient_cache' method whose forwards skip `accumulated` would
+  # silently run the whole batch at once: the step says so while tracing.
+  config = load_config('simclr_tiny', accumulation_steps=2)
+  method = make_method(config, mesh8, steps_per_epoch=4, total_steps=8)
+  monkeypatch.setattr(method, 'accumulated', lambda forward: forward)
+  batch = _method_batch(config, mesh8)
+  with pytest.raises(ValueError, match=r"^accumulation_steps=2: method "
+                     r"'simclr' is 'gradient_cache' but runs no forward "
+                     r"through `self.accumulated`"):
+    steps.value_and_grad(method, _state(method), {'views': batch['views']},
+                         jax.random.key(0))
+
+
 def test_split_and_merge_are_strided_and_inverse():
   x = jnp.arange(12 * 3).reshape(12, 3)
   parts = micro_batches.split({'a': x}, 3)['a']

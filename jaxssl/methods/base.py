@@ -142,6 +142,7 @@ class Method(abc.ABC):
     self.total_steps = run.total_steps
     self.factories = run.factories
     self.ema: common.EmaTarget | None = None
+    self.accumulated_forwards = 0
     if self.accumulation not in micro_batches.ACCUMULATION_KINDS:
       raise ValueError(f'{type(self).__name__}.accumulation='
                        f'{self.accumulation!r} is not one of '
@@ -161,6 +162,7 @@ class Method(abc.ABC):
     """
     k = (self.run.accumulation_steps
          if self.accumulation == 'gradient_cache' else 1)
+    self.accumulated_forwards += 1  # counted while the step is traced
     return micro_batches.micro_batched(forward, k, self.mesh)
 
   @classmethod
