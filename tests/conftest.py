@@ -7,6 +7,8 @@ XLA_FLAGS must be set before jax is imported anywhere, so this runs first.
 """
 
 import os
+import pathlib
+import re
 
 os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
@@ -68,3 +70,36 @@ def fashion_mnist_dir(tmp_path_factory):
       pytest.fail(message)
     pytest.skip(message)
   return str(tmp_path_factory.mktemp('tfds'))
+
+
+
+def _files_with_shared_fixtures(root) -> frozenset[str]:
+  """Test files (as xdist node ids start) that define a module- or
+  class-scoped fixture: a training run, a `jaxssl.bench` subprocess, ...
+  """
+  pattern = re.compile(r"scope=['\"](module|class)['\"]")
+  return frozenset(f'tests/{p.name}' for p in root.glob('*_test.py')
+                   if pattern.search(p.read_text()))
+
+
+def pytest_xdist_make_scheduler(config, log):
+  """`-n N` (xdist's `load`): tests spread one by one, except that a file
+  with a module- or class-scoped fixture goes to one worker whole, so its
+  fixture is built once, not once per worker. Such files are scheduled
+  first (xdist orders units by their test count), single tests fill in.
+
+  (`--dist loadgroup` would do this with marks, but it renames node ids
+  through an attribute that pytest 9.2 no longer reads.)
+  """
+  if config.getvalue('dist') != 'load':
+    return None
+  from xdist.scheduler import LoadScopeScheduling
+  grouped = _files_with_shared_fixtures(pathlib.Path(__file__).parent)
+
+  class SharedFixturesTogether(LoadScopeScheduling):
+
+    def _split_scope(self, nodeid):
+      path = nodeid.split('::', 1)[0]
+      return path if path in grouped else nodeid
+
+  return SharedFixturesTogether(config, log)

@@ -280,17 +280,16 @@ def _stop_pod(workdir, data_dir, logs, signalled, at_step):
   return codes, [_read(logs, f'err{q}') for q in range(2)]
 
 
-@pytest.mark.parametrize('signalled', [(1,), (0, 1)])
-def test_sigterm_stops_both_processes_after_the_same_step(
-    data_dir, tmp_path, signalled):
-  # The signal may reach one process only: the per-step agreement stops
-  # both after the same step, and both save it; the restart resumes there.
+def test_sigterm_stops_both_processes_after_the_same_step(data_dir, tmp_path):
+  # The signal may reach one process only (the first run) or both (the
+  # restart): the per-step agreement stops both after the same step, and
+  # both save it; the restart resumes there. One pod per case, two in all.
   workdir = tmp_path / 'run'
   saved = 0
-  for attempt in range(2):
+  for attempt, signalled in enumerate([(1,), (0, 1)]):
     codes, errs = _stop_pod(workdir, data_dir, tmp_path, signalled,
                             at_step=saved + 2)
-    assert codes == [preemption.EXIT_PREEMPTED] * 2, errs
+    assert codes == [preemption.EXIT_PREEMPTED] * 2, (signalled, errs)
     if attempt:
       assert f'resuming from step {saved}' in _read(tmp_path, 'out0')
     step = checkpoint.Checkpointer(str(workdir), keep=2).latest_step()
