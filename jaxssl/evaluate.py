@@ -177,6 +177,7 @@ def run(config: ml_collections.ConfigDict, source: str, mesh: Mesh,
   if jax.process_index() == 0:
     print(format_results(results), flush=True)
     if results_path:
+      epath.Path(results_path).parent.mkdir(parents=True, exist_ok=True)
       epath.Path(results_path).write_text(json.dumps(results, indent=2))
   return results
 

@@ -12,6 +12,7 @@ The console scripts `jaxssl-pretrain`, `jaxssl-eval` and `jaxssl-export` are
 the same program with the mode fixed.
 """
 
+import os
 import sys
 
 from jaxssl import runtime
@@ -31,7 +32,8 @@ _WORKDIR = flags.DEFINE_string(
 _MODE = flags.DEFINE_enum(
     'mode', 'train', ['train', 'eval', 'export', 'preview', 'pictures'],
     'train: pretrain (auto-resumes), export, and evaluate if the config says '
-    'so; eval: linear probe, kNN and health metrics of --source; export: '
+    'so; eval: every evaluation of --source, printed and written to '
+    '<workdir>/evaluation.json; export: '
     'write the encoder of the latest checkpoint (or of --source) to '
     '<workdir>/export (--format=torch: <workdir>/torch_export); '
     'preview: PNG grid of views; pictures: training curves and kNN '
@@ -120,7 +122,7 @@ def _run_mode(mode: str) -> None:
     return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
-  if mode in ('train', 'export', 'pictures'):
+  if mode in ('train', 'eval', 'export', 'pictures'):
     command_line.check_writable_directory('workdir', _WORKDIR.value)
   from jaxssl import distributed, evaluate, parallel, train  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize_distributed(
@@ -131,7 +133,8 @@ def _run_mode(mode: str) -> None:
               allow_config_change=_ALLOW_CHANGE.value)
   elif mode == 'eval':
     evaluate.run(config, _SOURCE.value or _WORKDIR.value,
-                 parallel.make_mesh())
+                 parallel.make_mesh(),
+                 results_path=os.path.join(_WORKDIR.value, 'evaluation.json'))
   elif mode == 'export':
     train.export_latest(_WORKDIR.value, export_format=_FORMAT.value,
                         source=_SOURCE.value)

@@ -9,6 +9,7 @@ import pytest
 
 from helpers import assert_close_8_vs_1, load_config, tiny_factory
 from jaxssl import evaluate
+from jaxssl.evaluation import labelled_data
 from jaxssl.evaluation import supervised
 
 
@@ -17,9 +18,10 @@ def tiny(fashion_mnist_dir):
   return tiny_factory('simclr_tiny', fashion_mnist_dir)
 
 
-def _batches(config, indices, epoch, seed=0, batch_size=64):
-  data = supervised.LabelledData(config, config.dataset.eval_train_split,
-                                 indices, batch_size=batch_size)
+def _batches(config, indices, epoch, seed=0, batch_size=64, **processes):
+  data = labelled_data.LabelledData(
+      config, config.dataset.eval_train_split, indices,
+      batch_size=batch_size, **processes)
   return list(data.epoch(epoch, seed))
 
 
@@ -44,6 +46,27 @@ def test_labelled_data_covers_the_examples_once_per_epoch(tiny):
   image = epoch0[0]['image']
   assert image.shape == (64, 16, 16, 1) and image.dtype == np.float32
   assert 0.0 <= image.min() and image.max() <= 1.0
+
+
+def test_labelled_batches_do_not_depend_on_the_process_count(tiny):
+  # 4 shards: 1, 2 and 4 processes read the same global batches, each
+  # process its part, in process order.
+  config = tiny(**{'dataset.num_shards': 4})
+  indices = np.arange(0, 1024, 3)  # 342 examples: 85-86 a shard, 10 steps
+  whole = _batches(config, indices, 1, batch_size=32,
+                   process_index=0, process_count=1)
+  assert len(whole) == 85 // 8
+  for count in (2, 4):
+    parts = [_batches(config, indices, 1, batch_size=32, process_index=p,
+                      process_count=count) for p in range(count)]
+    for step, batch in enumerate(whole):
+      for key in ('image', 'label'):
+        np.testing.assert_array_equal(
+            batch[key], np.concatenate([part[step][key] for part in parts]))
+  # Another shard count is another order.
+  two = _batches(tiny(**{'dataset.num_shards': 2}), indices, 1,
+                 batch_size=32, process_index=0, process_count=1)
+  assert not np.array_equal(two[0]['label'], whole[0]['label'])
 
 
 def test_l2_skips_batch_norm_and_keeps_biases():

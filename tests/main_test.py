@@ -1,5 +1,6 @@
 """The command line: one-line errors before compiling, export, eval, preview."""
 
+import json
 import os
 import re
 import subprocess
@@ -166,6 +167,9 @@ def test_export_and_eval_modes(tmp_path, fashion_mnist_dir):
   lines = result.stdout.splitlines()
   assert any(line.startswith('simclr (step 8)') for line in lines)
   assert not any(line.startswith('random init') for line in lines)
+  written = json.loads((tmp_path / 'elsewhere' / 'evaluation.json').read_text())
+  assert written['spec']['step'] == 8 and written['random_init'] is None
+  assert 0 < written['encoder']['linear']['fast']['top1'] <= 1
   # The pictures of any workdir, its encoder read from the checkpoint.
   (epath.Path(workdir) / 'export').rmtree()
   result = _jaxssl('--mode=pictures', f'--workdir={workdir}',

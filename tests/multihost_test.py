@@ -14,6 +14,7 @@ The processes run `python -m jaxssl.main` exactly as a user would; the
 
 import glob
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -32,6 +33,7 @@ from helpers import load_config
 from jaxssl import checkpoint
 from jaxssl import datasets
 from jaxssl import distributed
+from jaxssl import evaluate
 from jaxssl import input_pipeline
 from jaxssl import parallel
 from jaxssl import preemption
@@ -170,6 +172,44 @@ def test_two_processes_train_like_one_and_resume_on_one(data_dir, mesh8,
   _assert_close(jax.device_get(resumed.params), jax.device_get(single.params))
   _assert_close(jax.device_get(resumed.opt_state),
                 jax.device_get(single.opt_state))
+
+
+# Every evaluation of `--mode=eval`, each short.
+EVAL = {'linear_eval.protocols': ('fast', 'paper'),
+        'linear_eval.paper_num_epochs': 2, 'finetune.fractions': (0.1,),
+        'finetune.num_epochs': 2, 'linear_eval.random_init_baseline': False}
+
+
+def _numbers(tree, path=''):
+  """`{path: number}` of every number in a JSON-like tree."""
+  if isinstance(tree, dict):
+    return {p: v for k, x in tree.items()
+            for p, v in _numbers(x, f'{path}/{k}').items()}
+  return {path: tree} if isinstance(tree, (int, float)) else {}
+
+
+def test_two_processes_evaluate_like_one(data_dir, mesh8, tmp_path):
+  # Linear (fast and paper), kNN, health and fine-tuning on 10% of the
+  # labels of one encoder, by a 2-process pod and by 1 process.
+  config = load_config('simclr_tiny', **{'dataset.data_dir': data_dir,
+                                         **POD, **EVAL})
+  workdir = tmp_path / 'run'
+  train.train(train.setup(config, mesh8), str(workdir))
+  single = json.loads(json.dumps(evaluate.run(config, str(workdir), mesh8)))
+  mode = {0: ['--mode=eval'], 1: ['--mode=eval']}
+  codes = _wait_all(_start_pod(workdir, data_dir, tmp_path, EVAL, mode),
+                    STARTUP_TIMEOUT_S)
+  assert codes == [0, 0], _read(tmp_path, 'err0') + _read(tmp_path, 'err1')
+  assert 'linear-paper' in _read(tmp_path, 'out0')
+  assert 'evaluation on' not in _read(tmp_path, 'out1')  # process 0 speaks
+  pod = json.loads((workdir / 'evaluation.json').read_text())
+  got, want = _numbers(pod['encoder']), _numbers(single['encoder'])
+  assert set(got) == set(want) and '/finetune/0.1/top1' in want, got
+  # The pod sums gradients over gloo, in another order than one process:
+  # float32 rounding, far below one test image (1/512 = 0.002), so every
+  # accuracy must be the same.
+  for path, value in want.items():
+    assert got[path] == pytest.approx(value, rel=1e-4, abs=1e-6), path
 
 
 @pytest.mark.parametrize('cache', [True, False])

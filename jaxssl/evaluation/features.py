@@ -40,21 +40,29 @@ def extract_features(encoder: nn.Module, variables: PyTree,
     mesh: the batch is sharded over its `'data'` axis.
 
   Returns:
-    `(features [N, feature_dim] float32, labels [N] int32)`, global.
+    `(features [N, feature_dim] float32, labels [N] int32)`, global: the
+    examples of process 0's batches first, then process 1's, ... (for
+    `split_features`, the split's order whatever the process count).
   """
   sharding = parallel.batch_sharding(mesh)
   apply = _apply_fn(encoder)
-  features, labels = [], []
+  processes = jax.process_count()
+  features, labels = [[] for _ in range(processes)], [[] for _ in
+                                                      range(processes)]
   for local in batches:
     batch = jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, x), local)
     feats = apply(variables, batch['image'])
     gathered = multihost_utils.process_allgather(
         {'f': feats, 'y': batch['label'], 'm': batch['mask']}, tiled=True)
-    keep = np.asarray(gathered['m'], bool)
-    features.append(np.asarray(gathered['f'], np.float32)[keep])
-    labels.append(np.asarray(gathered['y'], np.int32)[keep])
-  return np.concatenate(features), np.concatenate(labels)
+    # The global batch is process 0's local batch, then process 1's, ...
+    per_process = jax.tree.map(
+        lambda x: np.asarray(x).reshape(processes, -1, *x.shape[1:]), gathered)
+    for q in range(processes):
+      keep = per_process['m'][q].astype(bool)
+      features[q].append(per_process['f'][q].astype(np.float32)[keep])
+      labels[q].append(per_process['y'][q].astype(np.int32)[keep])
+  return (np.concatenate(sum(features, [])), np.concatenate(sum(labels, [])))
 
 
 def split_features(config: ml_collections.ConfigDict, encoder: nn.Module,

@@ -6,7 +6,8 @@ features, from random resized crops and flips of the train images (no
 colour, no blur: SimCLR's `preprocess_for_train` with `color_distort=False`,
 crop area 0.08-1), redrawn every epoch, with a cosine learning rate from
 its peak to 0 and no warmup, and report top-1/top-5 on the centre crops of
-`dataset.eval_test_split`.
+`dataset.eval_test_split`. The batches (`labelled_data`) are the same for
+any process count that divides `dataset.num_shards`.
 
 - `linear`: the encoder is frozen, BatchNorm in inference mode; Nesterov
   momentum SGD; the weight decay is an L2 term `wd · Σ w² / 2` on the
@@ -27,7 +28,7 @@ References:
 import dataclasses
 import functools
 import math
-from typing import Any, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -35,21 +36,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 
 from jaxssl import datasets
 from jaxssl import optim
 from jaxssl import parallel
-from jaxssl.augment import host
 from jaxssl.evaluation import label_subsets
+from jaxssl.evaluation import labelled_data
 from jaxssl.evaluation import linear
 from jaxssl.evaluation import features
 
 PyTree = Any
-# SimCLR's evaluation crops: random resized crop over 8-100% of the area.
-_CROP_AREA = (0.08, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,80 +79,15 @@ class Recipe:
   seed: int = 0
 
 
-def global_batch_size(recipe: Recipe, num_examples: int, mesh: Mesh) -> int:
-  """The recipe's batch, at most `num_examples`, a multiple of the devices."""
-  devices = mesh.devices.size
-  batch = min(recipe.batch_size, num_examples) // devices * devices
-  if batch < devices:
+def global_batch_size(recipe: Recipe, num_examples: int, multiple: int
+                      ) -> int:
+  """The recipe's batch, at most `num_examples`, a multiple of `multiple`
+  (`labelled_data.batch_multiple`: the device and shard counts)."""
+  batch = min(recipe.batch_size, num_examples) // multiple * multiple
+  if batch < multiple:
     raise ValueError(f'{num_examples} labelled examples cannot fill a batch '
-                     f'of one image per device ({devices} devices)')
+                     f'of {multiple} (one image per device and shard)')
   return batch
-
-
-class LabelledData:
-  """This process's share of the labelled examples, and its epochs.
-
-  Examples `indices` of `split` (all when None) are dealt to the processes
-  round-robin and decoded once (kept in memory with `dataset.cache`); each
-  epoch shuffles them with a seed of `(seed, epoch)` and crops and flips
-  each with a seed of `(seed, epoch, index)`. Every process yields the same
-  number of batches per epoch, `steps = floor(n / P) // (batch_size / P)`.
-  """
-
-  def __init__(self, config: ml_collections.ConfigDict, split: str,
-               indices: np.ndarray | None, *, batch_size: int):
-    """Prepares the reading (nothing is read yet).
-
-    Args:
-      config: the run config (dataset.*, augment.crop_sampler and recipe).
-      split: a tfds split of `config.dataset`.
-      indices: example indices into `split`, or None.
-      batch_size: the global batch size (a multiple of the process count).
-    """
-    builder = datasets.get_builder(config.dataset)
-    image_key, label_key = datasets.feature_keys(builder)
-    total = datasets.split_num_examples(builder, split)
-    keep = np.zeros(total, bool)
-    keep[np.arange(total) if indices is None else indices] = True
-    self.count, processes = int(keep.sum()), jax.process_count()
-    self.local_batch_size = batch_size // processes
-    self.steps = self.count // processes // self.local_batch_size
-    self._config = config
-    mask, decode = tf.constant(keep), builder.info.features[
-        image_key].decode_example
-    # Only the labelled images are decoded (a 1% subset decodes 1%).
-    ds = builder.as_dataset(split=split, shuffle_files=False,
-                            decoders={image_key: tfds.decode.SkipDecoding()},
-                            read_config=tfds.ReadConfig(try_autocache=False))
-    ds = ds.enumerate().filter(lambda i, e: mask[i])
-    ds = ds.shard(processes, jax.process_index()).map(
-        lambda i, e: (i, decode(e[image_key]),
-                      tf.cast(e[label_key], tf.int32)))
-    self._examples = ds.cache() if config.dataset.cache else ds
-
-  def epoch(self, epoch: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
-    """This process's `{'image' [b, S, S, C] in [0, 1], 'label' [b]}`
-    batches of one epoch, b = batch_size / P."""
-    c = self._config
-    augment = ml_collections.ConfigDict(c.augment.to_dict())
-    augment.crop_area, augment.flip = _CROP_AREA, True
-    augment.num_small_views = 0
-    size = c.dataset.image_size
-
-    def prepare(index, image, label):
-      view_seed = tf.random.experimental.stateless_fold_in(
-          tf.constant([seed, epoch], tf.int64), index)
-      image = host.crop_view(image, view_seed, view_index=0, out_size=size,
-                             config_augment=augment)
-      return {'image': tf.clip_by_value(image, 0.0, 1.0), 'label': label}
-
-    ds = self._examples.shuffle(
-        min(self.count, c.dataset.shuffle_buffer),
-        seed=seed * 1_000_003 + epoch, reshuffle_each_iteration=False)
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
-    ds = ds.batch(self.local_batch_size, drop_remainder=True).take(self.steps)
-    return tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE))
 
 
 def _optimizer(recipe: Recipe, schedule) -> optax.GradientTransformation:
@@ -259,10 +192,10 @@ def fit(config: ml_collections.ConfigDict, encoder: nn.Module,
   builder = datasets.get_builder(config.dataset)
   count = (datasets.split_num_examples(builder, split) if indices is None
            else len(indices))
-  batch = global_batch_size(recipe, count, mesh)
-  steps_per_epoch = count // jax.process_count() // (
-      batch // jax.process_count())
-  total = steps_per_epoch * recipe.num_epochs
+  batch = global_batch_size(
+      recipe, count, labelled_data.batch_multiple(config, mesh.devices.size))
+  data = labelled_data.LabelledData(config, split, indices, batch_size=batch)
+  total = data.steps * recipe.num_epochs
   scale = {'linear': batch / 256, 'sqrt': math.sqrt(batch), 'none': 1.}[
       recipe.lr_scaling]
   schedule = optax.cosine_decay_schedule(recipe.base_learning_rate * scale,
@@ -286,7 +219,6 @@ def fit(config: ml_collections.ConfigDict, encoder: nn.Module,
   opt_state = jax.jit(tx.init, out_shardings=replicated)(trainable)
   step = _make_step(encoder, recipe, tx)
   sharding = parallel.batch_sharding(mesh)
-  data = LabelledData(config, split, indices, batch_size=batch)
   for epoch in range(recipe.num_epochs):
     for local in data.epoch(epoch, recipe.seed):
       global_batch = jax.tree.map(
