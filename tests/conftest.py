@@ -82,6 +82,7 @@ def _files_with_shared_fixtures(root) -> frozenset[str]:
                    if pattern.search(p.read_text()))
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
   """`-n N` (xdist's `load`): tests spread one by one, except that a file
   with a module- or class-scoped fixture goes to one worker whole, so its
