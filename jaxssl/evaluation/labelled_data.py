@@ -76,7 +76,6 @@ class LabelledData:
                 else np.unique(np.asarray(indices)))
     self.count = len(labelled)
     self.shard_batch_size = batch_size // shards
-    self.local_batch_size = batch_size // count
     self.steps = self.count // shards // self.shard_batch_size
     self._config = config
     decode = builder.info.features[image_key].decode_example
