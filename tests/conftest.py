@@ -72,7 +72,6 @@ def fashion_mnist_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tfds'))
 
 
-
 def _files_with_shared_fixtures(root) -> frozenset[str]:
   """Test files (as xdist node ids start) that define a module- or
   class-scoped fixture: a training run, a `jaxssl.bench` subprocess, ...
